@@ -1,0 +1,109 @@
+"""Model sizes and configuration checks.
+
+Every check on a configuration lives here, so a bad value fails in one place with a message that
+names the field. Each component receives only the config it needs (the model gets a
+`ModelConfig`, never the whole run configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from andy_dist import UserError
+
+MAX_SEQ_LEN = 512
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of an Andy-LLM decoder-only Transformer."""
+
+    vocab_size: int
+    """Number of token ids, special ids (PAD 0, UNK 1, BOS 2, EOS 3) included."""
+    d_model: int
+    """Width of the residual stream and of the sinusoidal position encoding."""
+    n_heads: int
+    """Attention heads per layer; must divide d_model."""
+    n_layers: int
+    """Number of Transformer blocks."""
+    max_seq_len: int = MAX_SEQ_LEN
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    ffn_mult: int = 4
+    """Feed-forward hidden width as a multiple of d_model."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention probabilities and residual branches during training."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the LM head. Off by default: see README (parameter counts)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
+                f"(each head gets d_model / n_heads channels)"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"model.d_model / model.n_heads must be even, got {self.d_model // self.n_heads}")
+        if self.d_model % 2:
+            raise ConfigError(f"model.d_model must be even for the sinusoidal encoding, got {self.d_model}")
+        if self.max_seq_len > MAX_SEQ_LEN:
+            raise ConfigError(f"model.max_seq_len={self.max_seq_len} exceeds the maximum {MAX_SEQ_LEN}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.vocab_size <= 4:
+            raise ConfigError(f"model.vocab_size must exceed the 4 special ids, got {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+# The three documented sizes. Global batch ranges are in sequences per optimizer step.
+SIZES: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=10_000, d_model=128, n_heads=2, n_layers=2),
+    "small": ModelConfig(vocab_size=30_000, d_model=256, n_heads=4, n_layers=4),
+    "medium": ModelConfig(vocab_size=50_000, d_model=512, n_heads=8, n_layers=6),
+}
+
+GLOBAL_BATCH_RANGE: dict[str, tuple[int, int]] = {
+    "tiny": (32, 64),
+    "small": (16, 32),
+    "medium": (8, 16),
+}
+
+
+def model_config(size: str, **overrides: Any) -> ModelConfig:
+    """The named size, with optional field overrides (e.g. a smaller vocab for a small corpus)."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    return SIZES[size].replace(**overrides) if overrides else SIZES[size]
+
+
+def check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
+    if seq_len > cfg.max_seq_len:
+        raise ConfigError(f"sequence length {seq_len} is longer than model.max_seq_len={cfg.max_seq_len}")

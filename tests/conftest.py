@@ -1,0 +1,78 @@
+"""Shared fixtures: real SentencePiece models and corpora, built once per test session.
+
+Everything here works on a fresh clone: the built-in corpus is the Python standard library's
+source. The real corpora in ../shared/corpora are used where present (fixtures skip otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
+sys.path.insert(0, str(ROOT))
+
+# Keep the 2-core CI machine responsive when several processes run at once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def builtin_corpus(tmp_path_factory) -> Path:
+    """About 1 MB of Python standard library source, as .jsonl (one file per document)."""
+    from andy_dist.corpus import write_default_corpus
+
+    return write_default_corpus(tmp_path_factory.mktemp("corpus") / "stdlib.jsonl", max_bytes=1_000_000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(builtin_corpus, tmp_path_factory) -> Path:
+    """A real 2,000-piece BPE tokenizer trained on the built-in corpus."""
+    from andy_dist.corpus import read_documents
+    from andy_dist.tokenizer import train_tokenizer
+
+    return train_tokenizer(read_documents([str(builtin_corpus)]), 2000, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    from andy_dist.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    path = SHARED_CORPORA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip("../shared/corpora/tinyshakespeare.txt is absent (fresh clone without shared/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def zh_fortunes() -> Path:
+    path = SHARED_CORPORA / "zh_fortunes.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/corpora/zh_fortunes.jsonl is absent (fresh clone without shared/)")
+    return path
