@@ -1,0 +1,231 @@
+"""Saving and resuming training through the DeepSpeed engine, safely.
+
+Layout of `RUN/checkpoints/`:
+
+    latest               tag of the newest COMPLETE checkpoint (rewritten atomically, last)
+    step-000050/         DeepSpeed's files for that tag, then andy_meta.json written last
+    best/                the best checkpoint by validation loss (same layout)
+    tokenizer.model      the run's tokenizer, so a checkpoint folder is self-contained
+
+A tag is complete when its `andy_meta.json` exists: that file is written after every rank has
+finished writing, and lists every file of the tag with its size. A crash during a save
+therefore leaves a tag without meta, which `--resume` ignores, and `latest` still names the
+previous checkpoint. The meta also holds the trainer's state (step, data position, best loss,
+early-stopping counter, W&B id) as JSON, so resuming never depends on unpickling client state.
+
+Resuming on a different number of ranks: ZeRO partitions (and the bf16 optimizer's) are tied to
+the world size they were saved with, so such a checkpoint is first converted to DeepSpeed's
+universal format (`deepspeed.checkpoint.ds_to_universal`, once, kept beside it as TAG_universal)
+and loaded with `"checkpoint": {"load_universal": true}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as torch_dist
+
+from andy_dist import UserError
+
+META_FILE = "andy_meta.json"
+LATEST_FILE = "latest"
+BEST_TAG = "best"
+FORMAT_VERSION = 1
+_STEP_TAG = re.compile(r"^step-(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _barrier() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def _rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _tag_files(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META_FILE}
+
+
+@dataclass
+class Checkpoint:
+    dir: Path
+    tag: str
+    meta: dict
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.tag
+
+    @property
+    def state(self) -> dict:
+        return self.meta["trainer_state"]
+
+
+def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict, keep_last: int | None = None,
+         update_latest: bool = True) -> Path:
+    """Write a checkpoint on every rank; mark it complete and point `latest` at it on rank 0.
+
+    All ranks must call this. `meta` describes the run (model config, precision, ...);
+    `trainer_state` must be JSON-serialisable.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a leftover of a crashed save (or an older run) must not mix in
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if _rank() == 0:
+        full_meta = {**meta, "format": FORMAT_VERSION, "tag": tag, "saved_at": time.time(),
+                     "trainer_state": trainer_state, "files": _tag_files(tag_dir)}
+        _write_atomic(tag_dir / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True))
+        if update_latest:
+            _write_atomic(ckpt_dir / LATEST_FILE, tag + "\n")
+        if keep_last:
+            rotate(ckpt_dir, keep_last)
+    _barrier()
+    return tag_dir
+
+
+def save_best(engine, ckpt_dir: str | Path, trainer_state: dict, meta: dict) -> Path:
+    """Replace `best/` with the current model, never leaving a moment without a complete best.
+
+    The new one is written as `best.partial`, then swapped in by renames.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    save(engine, ckpt_dir, f"{BEST_TAG}.partial", trainer_state, meta, update_latest=False)
+    if _rank() == 0:
+        best, partial, old = ckpt_dir / BEST_TAG, ckpt_dir / f"{BEST_TAG}.partial", ckpt_dir / f"{BEST_TAG}.old"
+        meta_path = partial / META_FILE
+        data = json.loads(meta_path.read_text())
+        data["tag"] = BEST_TAG
+        _write_atomic(meta_path, json.dumps(data, indent=1, sort_keys=True))
+        if old.exists():
+            shutil.rmtree(old)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(partial, best)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / f"{BEST_TAG}_universal", ignore_errors=True)
+    _barrier()
+    return ckpt_dir / BEST_TAG
+
+
+def rotate(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete step checkpoints (never `best`, never `latest`)."""
+    complete = sorted(_complete_step_tags(ckpt_dir), key=lambda item: item[0])
+    latest = read_latest(ckpt_dir)
+    for _, tag in complete[:-keep_last]:
+        if tag != latest:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+
+
+def _complete_step_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    found = []
+    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        match = _STEP_TAG.match(path.name)
+        if match and (path / META_FILE).is_file():
+            found.append((int(match.group(1)), path.name))
+    return found
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def load_meta(ckpt_dir: str | Path, tag: str) -> Checkpoint:
+    """Read and verify a checkpoint's meta: every listed file present with its recorded size."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / tag / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"checkpoint {ckpt_dir / tag} is incomplete ({META_FILE} missing: the save did not finish); "
+                        f"resume from an earlier tag or delete it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{meta_path} is corrupt (not JSON); resume from an earlier tag") from None
+    if meta.get("format", 0) > FORMAT_VERSION:
+        raise UserError(f"{meta_path} has format {meta['format']}, newer than this version reads ({FORMAT_VERSION}); "
+                        f"upgrade andy_dist")
+    for name, size in meta.get("files", {}).items():
+        path = ckpt_dir / tag / name
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path} is missing; the checkpoint {tag} cannot be loaded "
+                            f"(restore the file or resume from another tag)")
+        if path.stat().st_size != size:
+            raise UserError(f"checkpoint file {path} is truncated or altered ({path.stat().st_size} bytes, "
+                            f"expected {size}); restore it or resume from another tag")
+    return Checkpoint(ckpt_dir, tag, meta)
+
+
+def find_resume(ckpt_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint `--resume` uses: `latest` if complete, else the newest complete step tag."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    latest = read_latest(ckpt_dir)
+    if latest and (ckpt_dir / latest / META_FILE).is_file():
+        return load_meta(ckpt_dir, latest)
+    complete = sorted(_complete_step_tags(ckpt_dir))
+    return load_meta(ckpt_dir, complete[-1][1]) if complete else None
+
+
+def needs_universal(checkpoint: Checkpoint, world_size: int) -> bool:
+    """True when the checkpoint holds partitioned optimizer state saved by another number of ranks."""
+    partitioned = any("zero_pp_rank" in name for name in checkpoint.meta.get("files", {}))
+    return partitioned and checkpoint.meta.get("world_size") != world_size
+
+
+def convert_to_universal(checkpoint: Checkpoint) -> str:
+    """Convert on rank 0 (once; kept as TAG_universal); returns the tag to load. All ranks call this."""
+    universal_tag = f"{checkpoint.tag}_universal"
+    target = checkpoint.dir / universal_tag
+    if _rank() == 0 and not (target / ".complete").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"converting {checkpoint.path} ({checkpoint.meta.get('world_size')} ranks) to a universal checkpoint")
+        result = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
+             "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"could not convert {checkpoint.path} to a universal checkpoint: "
+                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        (target / ".complete").write_text("")
+    _barrier()
+    return universal_tag
+
+
+def load(engine, checkpoint: Checkpoint, tag: str | None = None) -> None:
+    """Load weights, optimizer and LR schedule into the engine (all ranks)."""
+    path, _ = engine.load_checkpoint(str(checkpoint.dir), tag=tag or checkpoint.tag, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {checkpoint.dir / (tag or checkpoint.tag)}")

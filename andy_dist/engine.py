@@ -1,0 +1,174 @@
+"""The one place that imports DeepSpeed.
+
+Reads a `ds_configs/*.json`, merges it with the batch maths and the optimisation settings of the
+run (AdamW, linear warmup then cosine, clipping), starts the process group from any launcher's
+environment, and builds the engine around a plain `AndyLM`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from andy_dist import UserError
+from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
+from andy_dist.distenv import DistEnv, export
+
+# Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
+# silently overridden, so it is refused instead.
+RUN_OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def load_ds_config(path: str | Path) -> tuple[dict, dict]:
+    """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing), split apart."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--ds_config {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"--ds_config {path} must hold a JSON object")
+    andy = ds.pop("andy", {})
+    owned = [key for key in RUN_OWNED_SECTIONS if key in ds]
+    if owned:
+        raise ConfigError(f"{path} sets {owned}: the optimizer (AdamW) and LR schedule come from the run's "
+                          f"config (lr, warmup_steps, weight_decay, betas, min_lr_ratio); remove them from the JSON")
+    unknown = sorted(set(andy) - {"size", "activation_checkpointing"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys in the \"andy\" section: {unknown}")
+    return ds, andy
+
+
+def model_size(ds_path: str | Path, andy: dict, requested: str | None) -> str:
+    """--size, else the ds_config's "andy": {"size"}, else its file name (ds_configs/medium.json -> medium)."""
+    size = requested or andy.get("size") or Path(ds_path).stem
+    if size not in SIZES:
+        raise ConfigError(f"cannot tell the model size from {ds_path}: pass --size {'/'.join(SIZES)} "
+                          f"or add \"andy\": {{\"size\": ...}} to the JSON")
+    return size
+
+
+def ds_precision(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: int, precision: str,
+                      zero_stage: int, load_universal: bool = False) -> dict:
+    """The full DeepSpeed config for this run: the JSON's settings plus everything the run decides."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    merged = copy.deepcopy(ds)
+    merged["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    merged["gradient_accumulation_steps"] = plan.grad_accum
+    merged["train_batch_size"] = plan.global_batch_size
+    merged["gradient_clipping"] = cfg.grad_clip
+    merged["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+            "min_loss_scale": 1}  # loss_scale 0 = dynamic loss scaling
+    merged["fp16"] = {**fp16, **ds.get("fp16", {}), "enabled": precision == "fp16"}
+    merged["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage}
+    merged["optimizer"] = {
+        "type": "AdamW",
+        "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8, "weight_decay": cfg.weight_decay,
+                   # DeepSpeed's fused Adam needs CUDA; on CPU ranks use torch's AdamW.
+                   "torch_adam": not torch.cuda.is_available(), "adam_w_mode": True},
+    }
+    merged["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": max(total_steps, cfg.warmup_steps + 1), "warmup_num_steps": cfg.warmup_steps,
+                   "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio,
+                   # DeepSpeed warms up logarithmically by default; the specification asks for linear.
+                   "warmup_type": "linear"},
+    }
+    merged.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
+    merged.setdefault("wall_clock_breakdown", False)
+    if load_universal:
+        merged["checkpoint"] = {**merged.get("checkpoint", {}), "load_universal": True}
+    return merged
+
+
+def init_distributed(dist: DistEnv, timeout_s: int = 600) -> torch.device:
+    """Start the process group for this launcher's environment; returns this rank's device.
+
+    The timeout bounds how long a rank waits in a collective for a peer that died, so a lost
+    rank ends the job instead of hanging it.
+    """
+    import deepspeed
+
+    export(dist)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank)
+        device, backend = torch.device("cuda", dist.local_rank), "nccl"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, LayerNorms and embeddings are not decayed (GPT-2 practice)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 and not name.startswith("embed.") else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float):
+    """deepspeed.initialize around the plain model; returns the engine (optimizer and schedule inside)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, weight_decay), config=ds_config)
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights in fp32 on CPU, on rank 0 (None elsewhere). Every rank must call it.
+
+    Under ZeRO-3 the parameters are partitioned, so they are gathered first.
+    """
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    module = engine.module
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    params = list(module.parameters())
+    gather = engine.zero_optimization_stage() == 3
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else _nullcontext()
+    with context:
+        if rank != 0:
+            return None
+        return {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every parameter group for the next optimizer step only (the schedule
+    sets it again after the step). Used to skip a step without moving the weights."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
