@@ -1,0 +1,204 @@
+"""DeepSpeed checkpoint -> one fp32 state dict for `AndyLM`, in one CPU process.
+
+A training checkpoint is a directory per tag written by `engine.save_checkpoint` from every rank:
+
+    CKPT/latest                                    text: the newest complete tag
+    CKPT/TAG/andy_meta.json                        the trainer's description (model config, step, ...)
+    CKPT/TAG/[zero_pp_rank_R_]mp_rank_00_model_states.pt   module (empty under ZeRO-3), param shapes
+    CKPT/TAG/[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt   fp32 master partitions (ZeRO 1-3)
+    CKPT/tokenizer.model
+
+Where the fp32 master weights live depends on the ZeRO stage:
+  * stage 1/2: each rank holds a contiguous slice of one flat fp32 vector per parameter group; the
+    slices concatenate in rank order, and parameters follow each other in `param_shapes` order.
+  * stage 3: each parameter is split separately, ceil(numel / world) elements per rank (the last
+    padded), and each rank's flat group concatenates its piece of every parameter in order.
+  * stage 0: fp32 weights are the module itself, or with bf16 the flat `fp32_groups_flat` in the
+    module's parameter order.
+This mirrors `deepspeed.utils.zero_to_fp32`, which we cannot call: it unpickles with
+`weights_only=False`. Here every file is read with `weights_only=True`, allowing only the few
+plain DeepSpeed classes its optimizer states hold (loss scaler, stage enum, fragment address).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from andy_dist import UserError
+from andy_dist.config import ModelConfig
+from andy_dist.model import AndyLM
+
+META_FILE = "andy_meta.json"
+META_FORMAT = 1
+# The only non-tensor classes DeepSpeed puts in its checkpoint files (module, name).
+_DEEPSPEED_SAFE_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
+    """(checkpoints directory, tag directory name) for `path` (CKPT or a run directory holding
+    checkpoints/) and `tag` ("latest", "best" or a tag name)."""
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory {ckpt} does not exist; pass runs/NAME/checkpoints")
+    if not (ckpt / "latest").exists() and (ckpt / "checkpoints").is_dir():
+        ckpt = ckpt / "checkpoints"
+    if tag == "latest":
+        latest = ckpt / "latest"
+        if not latest.is_file():
+            raise UserError(f"{ckpt} has no 'latest' file; pass --tag with one of {available_tags(ckpt)}")
+        tag = latest.read_text().strip()
+    if not (ckpt / tag).is_dir():
+        raise UserError(f"checkpoint tag {tag!r} is not in {ckpt}; available tags: {available_tags(ckpt)}")
+    return ckpt, tag
+
+
+def available_tags(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if (p / META_FILE).is_file()) if ckpt.is_dir() else []
+
+
+def read_meta(tag_dir: Path) -> dict:
+    path = tag_dir / META_FILE
+    if not path.is_file():
+        raise UserError(f"{tag_dir} has no {META_FILE}: it was not written by andy_dist's trainer "
+                        f"(or the save did not finish); choose another --tag")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    if meta.get("format") != META_FORMAT:
+        raise UserError(f"{path} has format {meta.get('format')!r}; this andy_dist reads format {META_FORMAT}")
+    return meta
+
+
+def _safe_globals() -> list:
+    found = []
+    for module, name in _DEEPSPEED_SAFE_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass  # an older/newer DeepSpeed without this class cannot have pickled it either
+    return found
+
+
+def _load(path: Path) -> dict:
+    """torch.load with weights_only=True and the DeepSpeed allow-list; a clear error otherwise."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first if "Unsupported global" in line), first[0] if first else repr(err))
+        raise UserError(f"cannot read {path} safely: {detail}") from None
+
+
+def _rank_of(path: Path) -> int:
+    match = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    return int(match.group(1)) if match else 0
+
+
+def _merge_zero12(flat_groups: list[list[torch.Tensor]], param_shapes: list[dict], paddings) -> dict:
+    state: dict[str, torch.Tensor] = {}
+    for g, shapes in enumerate(param_shapes):
+        full = torch.cat([rank_groups[g] for rank_groups in flat_groups])  # rank slices in rank order
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            if offset + numel > full.numel():
+                raise UserError(f"ZeRO partitions hold {full.numel()} values, fewer than the parameters need")
+            state[name] = full[offset : offset + numel].view(tuple(shape)).clone()
+            offset += numel + (paddings[g][i] if paddings is not None else 0)
+    return state
+
+
+def _merge_zero3(flat_groups: list[list[torch.Tensor]], param_shapes: list[dict]) -> dict:
+    world = len(flat_groups)
+    per_rank = [torch.cat(groups) for groups in flat_groups]  # (rank's numel,) each
+    state: dict[str, torch.Tensor] = {}
+    offset = 0
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world)
+            pieces = [flat[offset : offset + part] for flat in per_rank]
+            state[name] = torch.cat(pieces)[:numel].view(tuple(shape)).clone()
+            offset += part
+    if offset != per_rank[0].numel():
+        raise UserError(f"ZeRO-3 partitions hold {per_rank[0].numel()} values per rank, parameters use {offset}")
+    return state
+
+
+def _zero0_weights(model_states: dict) -> dict:
+    module = model_states["module"]
+    optimizer = model_states.get("optimizer") or {}
+    flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
+    if not flats:
+        return {name: t.float() for name, t in module.items()}
+    # bf16 without ZeRO: fp32 masters flattened in the module's parameter order.
+    flat = torch.cat([f.float() for f in flats])
+    state, offset = {}, 0
+    for name, t in module.items():
+        state[name] = flat[offset : offset + t.numel()].view(t.shape).clone()
+        offset += t.numel()
+    if offset != flat.numel():
+        raise UserError(f"fp32_groups_flat holds {flat.numel()} values, the module {offset}")
+    return state
+
+
+def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[dict[str, torch.Tensor], dict]:
+    """The fp32 weights of checkpoint `tag` under `ckpt_dir`, keyed like `AndyLM.state_dict()`,
+    and the trainer's metadata (andy_meta.json, plus "tag" and "checkpoint")."""
+    ckpt, tag = resolve_checkpoint(ckpt_dir, tag)
+    tag_dir = ckpt / tag
+    meta = dict(read_meta(tag_dir), tag=tag, checkpoint=str(ckpt.resolve()))
+    cfg = ModelConfig.from_dict(meta["model_config"])
+
+    model_files = sorted(tag_dir.glob("*model_states.pt"), key=_rank_of)
+    optim_files = sorted(tag_dir.glob("*optim_states.pt"), key=_rank_of)
+    if not model_files:
+        raise UserError(f"{tag_dir} holds no *model_states.pt: the checkpoint is incomplete")
+    model_states = _load(model_files[0])
+    if optim_files:
+        optim = [_load(f)["optimizer_state_dict"] for f in optim_files]
+        stage = int(optim[0]["zero_stage"])
+        world = optim[0]["partition_count"]
+        world = max(world) if isinstance(world, list) else int(world)
+        if world != len(optim_files):
+            raise UserError(f"{tag_dir} has {len(optim_files)} optimizer files but was saved by {world} ranks: "
+                            f"the save did not finish on every rank; choose another --tag")
+        param_shapes = model_states["param_shapes"]
+        if stage <= 2:
+            flats = [o["single_partition_of_fp32_groups"] for o in optim]
+            state = _merge_zero12(flats, param_shapes, optim[0].get("param_alignment_paddings"))
+        else:
+            state = _merge_zero3([o["fp32_flat_groups"] for o in optim], param_shapes)
+    else:
+        state = _zero0_weights(model_states)
+    for alias, source in model_states.get("shared_params") or []:
+        state.setdefault(alias, state[source])
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state["embed.weight"])
+    _check_keys(state, cfg, tag_dir)
+    return state, meta
+
+
+def _check_keys(state: dict, cfg: ModelConfig, where: Path) -> None:
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AndyLM(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        raise UserError(f"{where} does not match its model_config: missing {missing[:5]}, unexpected {extra[:5]}, "
+                        f"wrong shapes {wrong[:5]}")
