@@ -1,0 +1,323 @@
+"""The training loop, readable top to bottom: step, log, evaluate, keep best, stop early, checkpoint.
+
+Numerics of one optimizer step (`train_step`):
+  * The loss of every micro-batch is a SUM over its target tokens; before the step the ranks
+    agree on the target-token count of the whole global batch, and each micro-batch's sum is
+    scaled by world x accumulation / global_tokens. DeepSpeed divides by accumulation and
+    averages over ranks, so the gradient is exactly d(sum of all token losses)/global_tokens:
+    accumulating 4 x 2 sequences equals 1 x 8, whatever their lengths.
+  * The data pipeline pads on the right. With causal attention a real token never attends to
+    a later (padding) position, so no attention mask is needed in training and SDPA keeps its
+    fast causal kernels; padded positions have PAD targets and add nothing to the loss.
+  * Dropout is re-seeded from (seed, step, rank) each step, so a resumed run draws the same
+    dropout masks as an uninterrupted one without saving RNG state.
+  * A non-finite loss on any rank marks the step skipped on every rank: DeepSpeed skips the
+    optimizer step itself when the gradient norm is not finite (fp16, bf16, any ZeRO stage);
+    for fp32 without ZeRO the gradients are dropped before the step so AdamW leaves those
+    weights and moments untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as torch_dist
+
+from andy_dist import checkpoint as ckpt
+from andy_dist.config import ModelConfig, TrainConfig
+from andy_dist.distenv import DistEnv
+from andy_dist.engine import current_lr, full_state_dict
+
+
+class TrainingStopped(Exception):
+    """The run ended before its planned end (SIGTERM, divergence); `exit_code` says how."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# SIGTERM (SLURM pre-emption): checkpoint, then exit with this code so a job script can requeue.
+EXIT_PREEMPTED = 75
+EXIT_DIVERGED = 3
+
+
+@dataclass
+class TrainState:
+    """What the trainer must remember across a resume (the data position is kept by the stream)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    early_stopped: bool = False
+    wandb_run_id: str | None = None
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token over the global batch
+    target_tokens: int  # global
+    input_tokens: int  # global, padding excluded
+    padded_positions: int  # global
+    total_positions: int  # global
+    skipped: bool
+    preempt: bool  # some rank received SIGTERM
+    seconds: float
+
+
+def fault_steps(name: str) -> set[int]:
+    """Steps listed in the environment variable `name` (fault injection for the reliability tests)."""
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
+class Trainer:
+    def __init__(self, engine, stream, val_stream_factory: Callable[[], Any], cfg: TrainConfig, model_cfg: ModelConfig,
+                 dist: DistEnv, device: torch.device, logger, ckpt_dir: Path, run_meta: dict,
+                 precision: str, zero_stage: int, state: TrainState | None = None,
+                 sampler: Callable[[dict | None, int], list[dict]] | None = None,
+                 total_steps: int | None = None, text_bytes_per_token: float | None = None,
+                 flops_per_token: float | None = None, peak_flops: float | None = None):
+        self.engine = engine
+        self.stream = stream
+        self.val_stream_factory = val_stream_factory
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.dist = dist
+        self.device = device
+        self.logger = logger
+        self.ckpt_dir = Path(ckpt_dir)
+        self.run_meta = run_meta
+        self.precision = precision
+        self.zero_stage = zero_stage
+        self.state = state or TrainState()
+        self.sampler = sampler
+        self.total_steps = total_steps
+        self.text_bytes_per_token = text_bytes_per_token
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self._preempted = False
+        self._nan_steps = fault_steps("ANDY_FAULT_NAN_STEPS")
+        self._window: list[StepResult] = []
+        self._start_time = time.time()
+        self._start_step = self.state.step
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            while not self._finished():
+                for item in self.stream.iter_epoch():
+                    result = self.train_step(item.micro_batches)
+                    self._after_step(result)
+                    if result.preempt:
+                        self.save()
+                        raise TrainingStopped(f"SIGTERM: checkpoint saved at step {self.state.step}; "
+                                              f"resume with --resume", EXIT_PREEMPTED)
+                    if self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+                        self.evaluate()
+                    if self.state.step % self.cfg.save_interval == 0:
+                        self.save()
+                    if self._finished():
+                        break
+                else:  # the epoch ran to its end
+                    self.evaluate()
+            if self.state.step % self.cfg.save_interval:
+                self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.state
+
+    def _finished(self) -> bool:
+        if self.state.early_stopped:
+            return True
+        if self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps:
+            return True
+        return self.cfg.max_steps is None and self.stream.epoch >= self.cfg.max_epochs
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches) -> StepResult:
+        start = time.perf_counter()
+        engine, dist = self.engine, self.dist
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 7919 + dist.rank)
+        # One collective up front: the global batch's target tokens (the loss normaliser).
+        local = torch.tensor([sum(int(mb.num_target_tokens) for mb in micro_batches)], dtype=torch.float64)
+        global_targets = self._all_reduce(local)[0].item()
+        scale = dist.world_size * len(micro_batches) / max(global_targets, 1.0)
+        inject_nan = (self.state.step + 1) in self._nan_steps
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        input_tokens = padded = positions = 0
+        for index, mb in enumerate(micro_batches):
+            mb = mb.to(self.device)
+            out = engine(mb.input_ids, targets=mb.targets)
+            loss = out.loss_sum
+            if inject_nan:
+                loss = loss * float("nan")
+            loss_sum += loss.detach().double().cpu()
+            input_tokens += int(mb.num_tokens)
+            positions += mb.input_ids.numel()
+            padded += mb.input_ids.numel() - int(mb.num_tokens)
+            engine.backward(loss * scale)
+            if index == len(micro_batches) - 1:
+                # Before the optimizer step, agree on the loss: a non-finite value anywhere skips it.
+                # The SIGTERM flag rides along: ranks may receive the signal at different moments.
+                totals = self._all_reduce(torch.tensor(
+                    [loss_sum.item(), input_tokens, padded, positions, float(self._preempted)], dtype=torch.float64))
+                skipped = not math.isfinite(totals[0].item())
+                if skipped and self.zero_stage == 0 and self.precision == "fp32":
+                    for param in engine.module.parameters():
+                        param.grad = None  # torch AdamW skips parameters without gradients
+            engine.step()
+        return StepResult(loss=totals[0].item() / max(global_targets, 1.0), target_tokens=int(global_targets),
+                          input_tokens=int(totals[1].item()), padded_positions=int(totals[2].item()),
+                          total_positions=int(totals[3].item()), skipped=skipped, preempt=totals[4].item() > 0,
+                          seconds=time.perf_counter() - start)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size > 1:
+            # gloo reduces CPU tensors; NCCL needs them on the GPU.
+            moved = tensor.to(self.device) if self.device.type == "cuda" else tensor
+            torch_dist.all_reduce(moved)
+            tensor = moved.cpu()
+        return tensor
+
+    def _after_step(self, result: StepResult) -> None:
+        state = self.state
+        state.step += 1
+        state.tokens_seen += result.input_tokens
+        state.data = self.stream.state_dict()
+        if result.skipped:
+            state.skipped_steps += 1
+            state.bad_steps_in_row += 1
+            if state.bad_steps_in_row >= self.cfg.max_bad_steps:
+                # The skipped steps left the weights as they were before the divergence.
+                self.save()
+                raise TrainingStopped(
+                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss (last at step {state.step}); "
+                    f"stopped with a checkpoint from before the divergence. Lower lr or check the data.",
+                    EXIT_DIVERGED)
+        else:
+            state.bad_steps_in_row = 0
+        self._window.append(result)
+        if state.step % self.cfg.log_interval == 0 or state.step == 1:
+            self._log_training()
+        if self.cfg.sample_interval and state.step % self.cfg.sample_interval == 0:
+            self._log_samples()
+
+    def _log_training(self) -> None:
+        window, self._window = self._window, []
+        seconds = sum(r.seconds for r in window)
+        tokens = sum(r.input_tokens for r in window)
+        finite = [r.loss for r in window if math.isfinite(r.loss)]
+        last = window[-1]
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        metrics = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/lr": current_lr(self.engine),
+            "train/grad_norm": _grad_norm(self.engine),
+            "train/tokens_per_s": tokens_per_s,
+            "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
+            "train/global_batch_seqs": self.run_meta["global_batch_size"],
+            "train/global_batch_tokens": last.input_tokens,
+            "train/padding_fraction": sum(r.padded_positions for r in window) / max(1, sum(r.total_positions for r in window)),
+            "train/tokens_seen": self.state.tokens_seen,
+            "train/epoch": self.stream.epoch,
+            "train/skipped_steps": self.state.skipped_steps,
+            "sys/memory_gb": _memory_gb(self.device),
+            "time/elapsed_s": time.time() - self._start_time,
+        }
+        if self.flops_per_token and self.peak_flops:
+            metrics["train/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        else:
+            metrics["train/mfu"] = "n/a"
+        if self.precision == "fp16":
+            metrics["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        if self.total_steps:
+            done = self.state.step - self._start_step
+            rate = (time.time() - self._start_time) / max(done, 1)
+            metrics["time/eta_s"] = rate * max(self.total_steps - self.state.step, 0)
+        self.logger.log(self.state.step, metrics)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float:
+        engine = self.engine
+        engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for mb in self.val_stream_factory():
+                mb = mb.to(self.device)
+                out = engine(mb.input_ids, targets=mb.targets)
+                sums += torch.tensor([out.loss_sum.double().item(), int(mb.num_target_tokens)], dtype=torch.float64)
+        engine.train()
+        sums = self._all_reduce(sums)
+        val_loss = sums[0].item() / max(sums[1].item(), 1.0)
+        state = self.state
+        improved = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss - self.cfg.min_delta)
+        if improved:
+            state.best_val_loss, state.best_step, state.bad_evals = val_loss, state.step, 0
+        else:
+            state.bad_evals += 1
+        state.data = self.stream.state_dict()
+        metrics = {
+            "val/loss": val_loss,
+            "val/ppl": math.exp(min(val_loss, 50.0)),
+            "val/best_loss": state.best_val_loss,
+            "val/bad_evals": state.bad_evals,
+            "val/patience": self.cfg.patience,
+        }
+        if self.text_bytes_per_token:
+            metrics["val/bpb"] = val_loss / math.log(2) / self.text_bytes_per_token
+        self.logger.log(state.step, metrics)
+        if improved:
+            ckpt.save_best(engine, self.ckpt_dir, asdict(state), self.run_meta)
+        if state.bad_evals >= self.cfg.patience:
+            state.early_stopped = True
+            if self.dist.is_main:
+                print(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving on "
+                      f"{state.best_val_loss:.4f} (step {state.best_step})", flush=True)
+        self._log_samples()
+        return val_loss
+
+    def _log_samples(self) -> None:
+        if self.sampler is None or not self.cfg.sample_prompts:
+            return
+        weights = full_state_dict(self.engine)  # every rank takes part in the gather
+        if self.dist.is_main:
+            self.logger.log_samples(self.state.step, self.sampler(weights, self.state.step))
+
+    # ------------------------------------------------------------------ checkpoints and signals
+    def save(self) -> None:
+        self.state.data = self.stream.state_dict()
+        ckpt.save(self.engine, self.ckpt_dir, ckpt.step_tag(self.state.step), asdict(self.state), self.run_meta,
+                  keep_last=self.cfg.keep_last)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._preempted = True
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return float("nan")
