@@ -28,13 +28,13 @@ def load_ds_config(path: str | Path) -> tuple[dict, dict]:
     """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing), split apart."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
+        raise ConfigError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"--ds_config {path} is not valid JSON: {err}") from None
+        raise ConfigError(f"--ds_config {path} is not valid JSON: {err}") from None
     if not isinstance(ds, dict):
-        raise UserError(f"--ds_config {path} must hold a JSON object")
+        raise ConfigError(f"--ds_config {path} must hold a JSON object")
     andy = ds.pop("andy", {})
     owned = [key for key in RUN_OWNED_SECTIONS if key in ds]
     if owned:
