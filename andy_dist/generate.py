@@ -1,0 +1,181 @@
+"""KV-cached, batched generation over one model or an ensemble.
+
+One batch goes: left-pad the prompts to the longest (PAD, masked out; each row's positions start
+at its first real token), prefill the preallocated `KVCache` with the prompts, then one-token
+decode steps that read only the last position's logits. A row stops at EOS (the EOS is returned)
+or when its own budget runs out: `max_new_tokens`, and prompt + new tokens never beyond the
+model's max_seq_len (512). A stopped row stays stopped (it is fed PAD, its output ignored).
+
+Prompts are grouped by length (longest first) into batches of `batch_size`, so padding stays
+small; results come back in the caller's order. If a short row still has budget when the
+batch's cache is full (the longest row filled it), it continues in a later round from its
+prompt + the tokens generated so far.
+
+Ensemble: several models sharing a tokenizer each keep their own cache; the next token is chosen
+from the mean of their log-probabilities (for one model, from its raw logits, so the repetition
+penalty's sign rule applies to logits as documented in `andy_dist.sampling`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from andy_dist import EOS_ID, PAD_ID, UserError
+from andy_dist.model import AndyLM, KVCache
+from andy_dist.sampling import SamplingConfig, mark_seen, next_token
+
+Models = Union[AndyLM, Sequence[AndyLM]]
+
+
+def _as_list(models: Models) -> list[AndyLM]:
+    models = [models] if isinstance(models, torch.nn.Module) else list(models)
+    if not models:
+        raise UserError("generate needs at least one model")
+    vocab = {m.cfg.vocab_size for m in models}
+    if len(vocab) > 1:
+        raise UserError(f"ensemble members have different vocabularies {sorted(vocab)}: they need one tokenizer")
+    return models
+
+
+def _model_dtype(model: AndyLM) -> torch.dtype:
+    return model.embed.weight.dtype
+
+
+def _device(model: AndyLM) -> torch.device:
+    return model.embed.weight.device
+
+
+def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
+    """(B, V) scores from each member's last-position logits (B, V)."""
+    if len(logits) == 1:
+        return logits[0].float()
+    return torch.stack([torch.log_softmax(l.float(), dim=-1) for l in logits]).mean(0)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    models: list[AndyLM], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
+    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int],
+) -> tuple[list[list[int]], list[bool]]:
+    """One left-padded batch: (new tokens per row, whether the row is done) - a row not done ran
+    out of cache before its budget and must continue in another round."""
+    device, max_len = _device(models[0]), min(m.cfg.max_seq_len for m in models)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    steps = min(max(budgets), max_len - P)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    budget = torch.tensor(budgets, device=device)
+
+    ids = torch.full((B, P), PAD_ID, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P + steps, dtype=torch.bool, device=device)  # 1 = real token, past + current
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True  # generated positions are real for every live row
+    padded = bool((lengths < P).any())  # without padding the causal fast path needs no mask
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, models[0].cfg.vocab_size, dtype=torch.bool, device=device)
+        counted = ids.clone()  # the prompt tokens that count as seen: all but each row's unseen prefix
+        for i, p in enumerate(prompts):
+            counted[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
+        mark_seen(seen, counted)
+    caches = [KVCache(m.cfg, B, P + steps, device=device, dtype=_model_dtype(m)) for m in models]
+    positions = lengths.clone()[:, None]  # (B, 1) next position of each row
+
+    logits = [m(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=c, last_only=True).logits[:, -1]
+              for m, c in zip(models, caches)]  # prefill; (B, V) each
+    out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    produced = 0
+    for t in range(steps):
+        token = next_token(_scores(logits), sampling, seen, generator)  # (B,)
+        token = token.masked_fill(finished, PAD_ID)
+        out[:, t] = token
+        produced = t + 1
+        finished |= (token == eos_id) | (budget <= t + 1)
+        if t + 1 == steps or bool(finished.all()):
+            break
+        if seen is not None:
+            mark_seen(seen, token)
+        step_mask = mask[:, : P + t + 1] if padded else None
+        logits = [m(token[:, None], attention_mask=step_mask, position_ids=positions, kv_cache=c, last_only=True)
+                  .logits[:, -1] for m, c in zip(models, caches)]
+        positions += 1
+
+    rows = out[:, :produced].tolist()
+    done = finished.tolist()
+    results = []
+    for row, n in zip(rows, budgets):
+        row = row[:n]
+        if eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        results.append(row)
+    return results, done
+
+
+def generate(
+    model: Models,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_id: int = EOS_ID,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (token ids, BOS included where wanted), EOS kept where reached.
+
+    model: an AndyLM in eval mode (any dtype, CPU or GPU), or a list of them for an ensemble.
+    seed: makes the run repeatable (the same prompts, batch size and device give the same tokens);
+    None uses torch's global generator. batch_size: prompts per forward pass (default: all).
+    """
+    models = _as_list(model)
+    max_len = min(m.cfg.max_seq_len for m in models)
+    vocab = models[0].cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt {i} is empty; start it with BOS (tokenizer.encode(text, bos=True))")
+        if len(p) >= max_len:
+            raise UserError(f"prompt {i} has {len(p)} tokens; at most {max_len - 1} leave room to generate")
+        if min(p) < 0 or max(p) >= vocab:
+            raise UserError(f"prompt {i} holds token ids outside [0, {vocab})")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    results: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0 or not prompts:
+        return results
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=_device(models[0])).manual_seed(seed)
+    # Rows still to run: (index, tokens so far, tokens still allowed, leading tokens the penalty ignores).
+    pending = [(i, list(p), min(max_new_tokens, max_len - len(p)), 0 if sampling.penalize_prompt else len(p))
+               for i, p in enumerate(prompts)]
+    while pending:
+        pending.sort(key=lambda row: -len(row[1]))  # similar lengths together: little padding
+        size = batch_size or len(pending)
+        still = []
+        for start in range(0, len(pending), size):
+            batch = pending[start : start + size]
+            new, done = _generate_batch(models, [b[1] for b in batch], [b[2] for b in batch], sampling,
+                                        eos_id, generator, [b[3] for b in batch])
+            for (i, seq, left, skip), tokens, finished in zip(batch, new, done):
+                results[i].extend(tokens)
+                if not finished and len(tokens) < left and (not tokens or tokens[-1] != eos_id):
+                    still.append((i, seq + tokens, left - len(tokens), skip))
+        pending = still
+    return results
+
+
+def generate_text(
+    model: Models,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+) -> list[str]:
+    """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned."""
+    ids = tokenizer.encode_batch(prompts, bos=True)
+    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size)
+    return [tokenizer.decode(tokens) for tokens in new]
