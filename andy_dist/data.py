@@ -62,6 +62,7 @@ class MicroBatch:
     num_target_tokens: int  # loss terms (targets != PAD)
     step: int = -1  # which item of the iteration produced it (order check)
     index: int = -1  # which micro-batch of that step
+    worker: int = -1  # the DataLoader worker that built it (-1: the main process)
 
     @property
     def padding_fraction(self) -> float:
@@ -71,7 +72,7 @@ class MicroBatch:
     def to(self, device, non_blocking: bool = False) -> "MicroBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), self.sample_ids,
-                          self.num_tokens, self.num_target_tokens, self.step, self.index)
+                          self.num_tokens, self.num_target_tokens, self.step, self.index, self.worker)
 
 
 def collate(samples: list[np.ndarray], cap: int, sample_ids, step: int = -1, index: int = -1) -> MicroBatch:
@@ -155,7 +156,9 @@ class _MicroBatches(IterableDataset):
             for j in range(worker, len(self.job), workers):
                 ids, cap, step, index = self.job.item(j)
                 try:
-                    yield collate(reader.read(ids), cap, ids, step, index)
+                    batch = collate(reader.read(ids), cap, ids, step, index)
+                    batch.worker = worker if info is not None else -1
+                    yield batch
                 except UserError as err:
                     yield _Failure(str(err))
                     return

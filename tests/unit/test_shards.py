@@ -1,0 +1,389 @@
+"""Writing shards (tools/make_shards.py, andy_dist.shards) and opening them (andy_dist.shardset).
+
+Real SentencePiece tokenizers, real tar shards read back through WebDataset; bad inputs are real
+damaged files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
+from andy_dist.corpus import read_documents
+from andy_dist.shards import MANIFEST, SECTION_PIECES, SplitRule, cut_lengths, write_shards
+from andy_dist.shardset import open_shards
+from andy_dist.tokenizer import train_tokenizer
+
+CHINESE_DOCS = [
+    "要有礼貌。在这种规模的项目中，很难避免遇到与你意见不和的人。",
+    "善意推定：请始终假设其他人都在为这一目标而付诸努力。🙂 混合 English 与中文。",
+    "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？" * 30,  # long: cut into several pieces
+]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def all_samples(shard_set, split: str) -> list[np.ndarray]:
+    reader = shard_set.reader(split)
+    return reader.read(np.arange(shard_set.num_samples(split)))
+
+
+def documents_from_samples(samples: list[np.ndarray]) -> list[list[int]]:
+    """Re-join consecutive pieces into documents (BOS ... EOS). A section of a long document
+    whose other sections are in the other split shows up as a fragment without BOS or EOS."""
+    docs, current = [], []
+    for sample in samples:
+        ids = sample.tolist()
+        if ids[0] == BOS_ID and current:
+            docs.append(current)
+            current = []
+        current.extend(ids)
+        if ids[-1] == EOS_ID:
+            docs.append(current)
+            current = []
+    if current:
+        docs.append(current)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def input_texts(builtin_corpus) -> list[str]:
+    """Short documents cut from the built-in corpus, one long one (several sections), an empty
+    document, a whitespace-only one and two exact duplicates."""
+    sources = [d.text for d in read_documents([str(builtin_corpus)])]
+    short = [text[i:i + 3000] for text in sources[:8] for i in range(0, len(text), 3000)]
+    texts = short[:5] + ["", "   \n", short[0], short[3]] + short[5:] + [sources[9]]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory, input_texts) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("input") / "docs.jsonl", input_texts)
+
+
+def kept_texts(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in texts if t.strip()))
+
+
+def expected_samples(texts, tokenizer, val_fraction: float, max_seq_len: int) -> dict[str, list[list[int]]]:
+    """The documented layout, rebuilt from its parts: BOS text EOS cut into nearly equal pieces,
+    sections of SECTION_PIECES pieces assigned to splits by the split rule, in input order."""
+    rule = SplitRule(val_fraction)
+    out = {"train": [], "val": []}
+    for text in kept_texts(texts):
+        ids = tokenizer.encode(text, bos=True, eos=True)
+        pieces, start = [], 0
+        for length in cut_lengths(len(ids), max_seq_len):
+            pieces.append(ids[start:start + length])
+            start += length
+        for first in range(0, len(pieces), SECTION_PIECES):
+            out[rule.next_split()].extend(pieces[first:first + SECTION_PIECES])
+    return out
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, small_input, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "small"
+    write_shards([small_input], tokenizer, out, val_fraction=0.2, shard_size_mb=0.02, workers=2,
+                 max_seq_len=128, progress=False)
+    return out
+
+
+def copy_set(shard_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(shard_dir, target)
+    return target
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def test_cli_reports_cleaning_and_writes_manifest(tmp_path, small_input, input_texts, tokenizer_path, tokenizer,
+                                                  root):
+    out = tmp_path / "shards" / "cli"
+    result = subprocess.run(
+        [sys.executable, str(root / "tools" / "make_shards.py"), "--input", str(small_input), "--tokenizer",
+         str(tokenizer_path), "--out", str(out), "--val-fraction", "0.2", "--shard-size-mb", "0.02",
+         "--workers", "2", "--max-seq-len", "128"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    n_in, n_out = len(input_texts), len(kept_texts(input_texts))
+    assert n_out == n_in - 4
+    assert f"documents: {n_in} in, {n_out} out (2 empty, 2 duplicates dropped)" in result.stdout
+    assert "bytes/token" in result.stdout and "byte-fallback share" in result.stdout
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["tokenizer"] == {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+    assert manifest["dtype"] == "uint16" and manifest["max_seq_len"] == 128
+    stats = manifest["stats"]
+    assert stats["documents_in"] == n_in and stats["documents_out"] == n_out
+    assert stats["empty_dropped"] == 2 and stats["duplicates_dropped"] == 2
+    assert 1.5 < stats["bytes_per_token"] < 6 and 0 <= stats["byte_fallback_share"] < 0.05
+    assert len(manifest["splits"]["train"]["shards"]) > 1, "a small --shard-size-mb must give several shards"
+    for split in ("train", "val"):
+        info = manifest["splits"][split]
+        for shard in info["shards"]:
+            data = (out / shard["file"]).read_bytes()
+            assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
+        assert sum(s["samples"] for s in info["shards"]) == info["samples"] > 0
+        assert sum(s["tokens"] for s in info["shards"]) == info["tokens"]
+        assert info["target_tokens"] == info["tokens"] - info["samples"]
+    assert not (tmp_path / "shards" / "cli.partial").exists()
+
+
+def test_shards_are_plain_webdataset_with_many_samples_per_member(shard_dir):
+    """Any WebDataset pipeline reads the shards; each member holds a block of samples."""
+    manifest = json.loads((shard_dir / MANIFEST).read_text())
+    urls = [str(shard_dir / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    blocks = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode()))
+    assert all(set(b) >= {"__key__", "tokens.npy", "lengths.npy"} for b in blocks)
+    assert sum(len(b["lengths.npy"]) for b in blocks) == manifest["splits"]["train"]["samples"]
+    assert max(len(b["lengths.npy"]) for b in blocks) > 5
+    assert all(b["tokens.npy"].dtype == np.uint16 for b in blocks)
+
+
+def test_rerun_is_byte_identical_whatever_the_worker_count(tmp_path, small_input, tokenizer, shard_dir):
+    again = tmp_path / "again"
+    write_shards([small_input], tokenizer, again, val_fraction=0.2, shard_size_mb=0.02, workers=1,
+                 max_seq_len=128, progress=False)
+    first = sorted(p.name for p in shard_dir.iterdir())
+    assert first == sorted(p.name for p in again.iterdir())
+    for name in first:
+        assert (shard_dir / name).read_bytes() == (again / name).read_bytes(), name
+    # Writing over an existing shard set replaces it, with the same bytes.
+    write_shards([small_input], tokenizer, again, val_fraction=0.2, shard_size_mb=0.02, workers=2,
+                 max_seq_len=128, progress=False)
+    assert (shard_dir / MANIFEST).read_bytes() == (again / MANIFEST).read_bytes()
+
+
+def test_samples_follow_the_documented_layout(shard_dir, input_texts, tokenizer):
+    """Every kept document, cut and split exactly as documented; nothing dropped or repeated."""
+    shard_set = open_shards(shard_dir, tokenizer=tokenizer)
+    expected = expected_samples(input_texts, tokenizer, 0.2, 128)
+    for split in ("train", "val"):
+        assert [s.tolist() for s in all_samples(shard_set, split)] == expected[split]
+
+
+def test_pieces_are_even_with_bos_and_eos_once(shard_dir, tokenizer):
+    shard_set = open_shards(shard_dir, tokenizer=tokenizer)
+    samples = all_samples(shard_set, "train")
+    assert max(len(s) for s in samples) == 128
+    for sample in samples:
+        assert PAD_ID not in sample.tolist()
+        assert BOS_ID not in sample[1:].tolist() and EOS_ID not in sample[:-1].tolist()
+    starts = [i for i, s in enumerate(samples) if s[0] == BOS_ID]
+    for a, b in zip(starts, starts[1:] + [len(samples)]):
+        lengths = [len(s) for s in samples[a:b]]
+        if samples[b - 1][-1] == EOS_ID:  # a whole document in this split
+            assert lengths == cut_lengths(sum(lengths), 128)  # nearly equal: they differ by at most one
+
+
+def test_split_is_by_document_and_deterministic(shard_dir, input_texts, tokenizer):
+    shard_set = open_shards(shard_dir, tokenizer=tokenizer)
+    kept = kept_texts(input_texts)
+    short = kept[:-1]  # the last document is the long one, split in sections
+    train = {tuple(d) for d in documents_from_samples(all_samples(shard_set, "train")) if d[0] == BOS_ID}
+    val = {tuple(d) for d in documents_from_samples(all_samples(shard_set, "val")) if d[0] == BOS_ID}
+    encoded = [tuple(tokenizer.encode(t, bos=True, eos=True)) for t in short]
+    # floor((k+1) f) > floor(k f) with f = 0.2 puts every fifth document (k = 4, 9, ...) in val
+    assert {encoded[k] for k in range(len(short)) if k % 5 == 4} <= val
+    assert {encoded[k] for k in range(len(short)) if k % 5 != 4} <= train
+    assert shard_set.text_bytes("train") + shard_set.text_bytes("val") == sum(len(t.encode()) for t in kept)
+
+
+def test_single_long_document_still_gets_a_validation_split(tmp_path, tokenizer, builtin_corpus):
+    text = "\n".join(d.text for d in read_documents([str(builtin_corpus)]))[:120_000]
+    book = tmp_path / "book.txt"
+    book.write_text(text, encoding="utf-8")
+    out = tmp_path / "book"
+    write_shards([book], tokenizer, out, val_fraction=0.1, workers=1, max_seq_len=64, progress=False)
+    shard_set = open_shards(out, tokenizer=tokenizer)
+    assert shard_set.num_samples("val") > 0 and shard_set.num_samples("train") > 0
+    # Joined in sample-id order per split and merged back by section order, the text is whole.
+    total = shard_set.text_bytes("train") + shard_set.text_bytes("val")
+    assert total == len(text.encode("utf-8"))
+
+
+def chinese_round_trip(inputs, tokenizer, out: Path, max_seq_len: int) -> None:
+    manifest = write_shards(inputs, tokenizer, out, val_fraction=0.0, workers=2, max_seq_len=max_seq_len,
+                            progress=False)
+    shard_set = open_shards(out, tokenizer=tokenizer, require_val=False)
+    texts = list(dict.fromkeys(d.text for d in read_documents([str(p) for p in inputs]) if d.text.strip()))
+    decoded = [tokenizer.decode(doc) for doc in documents_from_samples(all_samples(shard_set, "train"))]
+    assert decoded == texts
+    assert manifest["stats"]["text_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    # A tokenizer trained on Python source has few Chinese pieces: the report must show the fallback.
+    assert manifest["stats"]["byte_fallback_share"] > 0.3
+
+
+def test_chinese_round_trip_inline(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "zh.jsonl", CHINESE_DOCS)
+    chinese_round_trip([path], tokenizer, tmp_path / "zh", max_seq_len=64)
+
+
+def test_chinese_round_trip_zh_fortunes(tmp_path, zh_fortunes):
+    docs = list(read_documents([str(zh_fortunes)]))
+    path = write_jsonl(tmp_path / "zh.jsonl", [d.text for d in docs[:400]])
+    tokenizer_path = train_tokenizer(read_documents([str(path)]), 3000, tmp_path / "tok")
+    from andy_dist.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    manifest = write_shards([path], tok, tmp_path / "zh", val_fraction=0.0, workers=2, max_seq_len=96,
+                            progress=False)
+    shard_set = open_shards(tmp_path / "zh", tokenizer=tok, require_val=False)
+    texts = list(dict.fromkeys(d.text for d in read_documents([str(path)]) if d.text.strip()))
+    decoded = [tok.decode(doc) for doc in documents_from_samples(all_samples(shard_set, "train"))]
+    assert decoded == texts
+    assert manifest["stats"]["text_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    assert manifest["stats"]["byte_fallback_share"] < 0.2  # a tokenizer trained on this text fits it
+
+
+# --- failures of the writer --------------------------------------------------------------------------
+
+
+def test_writer_errors_leave_no_complete_looking_output(tmp_path, tokenizer, small_input, root):
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(UserError, match="no training samples"):
+        write_shards([empty], tokenizer, tmp_path / "e", workers=1, progress=False)
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", ["one document", "two documents"])
+    with pytest.raises(UserError, match="validation split is empty"):
+        write_shards([tiny], tokenizer, tmp_path / "t", val_fraction=0.1, workers=1, progress=False)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(small_input.read_text() + "{not json\n", encoding="utf-8")
+    with pytest.raises(UserError, match="broken.jsonl"):
+        write_shards([broken], tokenizer, tmp_path / "b", workers=2, progress=False)
+    for name in ("e", "t", "b"):
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+    # A failed rerun over an existing shard set leaves the old one intact.
+    good = tmp_path / "good"
+    write_shards([tiny], tokenizer, good, val_fraction=0.5, workers=1, progress=False)
+    before = (good / MANIFEST).read_bytes()
+    with pytest.raises(UserError):
+        write_shards([broken], tokenizer, good, workers=1, progress=False)
+    assert (good / MANIFEST).read_bytes() == before
+    # The tool prints one line and exits 2.
+    result = subprocess.run([sys.executable, str(root / "tools" / "make_shards.py"), "--input", str(broken),
+                             "--tokenizer", str(tmp_path / "nope.model"), "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "nope.model" in result.stderr
+
+
+# --- bad shard sets ----------------------------------------------------------------------------------
+
+
+def test_missing_manifest(tmp_path, shard_dir):
+    copy = copy_set(shard_dir, tmp_path)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(UserError, match=r"manifest\.json is missing.*make_shards"):
+        open_shards(copy)
+    with pytest.raises(UserError, match="does not exist"):
+        open_shards(tmp_path / "nowhere")
+
+
+def test_truncated_shard(tmp_path, shard_dir):
+    copy = copy_set(shard_dir, tmp_path)
+    shard = copy / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-3000])
+    with pytest.raises(UserError, match=r"train-000001\.tar is truncated"):
+        open_shards(copy, verify="size")
+
+
+def test_corrupt_shard_sha256(tmp_path, shard_dir):
+    copy = copy_set(shard_dir, tmp_path)
+    shard = copy / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"train-000000\.tar is corrupt: its sha256"):
+        open_shards(copy)
+
+
+def rewrite_shard(copy: Path, name: str, change) -> None:
+    """Apply `change` to the shard's bytes and make the manifest agree (size, sha256): only the
+    full check or the reader can notice."""
+    shard = copy / name
+    data = change(bytearray(shard.read_bytes()))
+    shard.write_bytes(bytes(data))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    for entry in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        if entry["file"] == name:
+            entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_corrupt_tar_structure_found_by_full_check_and_reader(tmp_path, shard_dir):
+    copy = copy_set(shard_dir, tmp_path)
+
+    def smash_second_header(data):
+        offset = json.loads((copy / MANIFEST).read_text())["splits"]["train"]["shards"][0]["blocks"][1][0]
+        data[offset:offset + 512] = b"\x07" * 512
+        return data
+
+    rewrite_shard(copy, "train-000000.tar", smash_second_header)
+    with pytest.raises(UserError, match=r"train-000000\.tar"):
+        open_shards(copy, verify="full")
+    shard_set = open_shards(copy, verify="sha256")  # hashes agree: only reading can tell
+    with pytest.raises(UserError, match=r"train-000000\.tar is corrupt"):
+        shard_set.reader("train").read(np.arange(shard_set.num_samples("train")))
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path, shard_dir, tokenizer):
+    copy = copy_set(shard_dir, tmp_path)
+
+    def bad_token(data):
+        stream = io.BytesIO()
+        np.lib.format.write_array(stream, np.zeros(1, np.uint16))
+        header = len(stream.getvalue()) - 2
+        first = json.loads((copy / MANIFEST).read_text())["splits"]["train"]["shards"][0]["blocks"]
+        # the second member of block 0 is tokens.npy: find its data and set the first token to 65000
+        tar = wds.tariterators.tarfile.open(fileobj=io.BytesIO(bytes(data)))
+        member = tar.getmembers()[1]
+        assert member.name.endswith("tokens.npy") and first[0][0] == 0
+        data[member.offset_data + header:member.offset_data + header + 2] = np.uint16(65000).tobytes()
+        return data
+
+    rewrite_shard(copy, "train-000000.tar", bad_token)
+    with pytest.raises(UserError, match=r"train-000000\.tar block 00000000 holds token id 65000"):
+        open_shards(copy, verify="full")
+    shard_set = open_shards(copy, verify="sha256")
+    with pytest.raises(UserError, match=r"train-000000\.tar holds token id 65000"):
+        shard_set.reader("train").read([0])
+
+
+def test_shards_made_with_another_tokenizer(tmp_path, shard_dir, tokenizer, builtin_corpus):
+    other = train_tokenizer(read_documents([str(builtin_corpus)]), 500, tmp_path / "other")
+    with pytest.raises(UserError, match="different tokenizer"):
+        open_shards(shard_dir, tokenizer=other)
+    with pytest.raises(UserError, match="model has vocab_size 500"):
+        open_shards(shard_dir, vocab_size=500)
+    assert open_shards(shard_dir, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size).vocab_size == 2000
+
+
+def test_empty_split(tmp_path, tokenizer, small_input):
+    out = tmp_path / "noval"
+    write_shards([small_input], tokenizer, out, val_fraction=0.0, workers=1, progress=False)
+    with pytest.raises(UserError, match="val split is empty"):
+        open_shards(out)
+    assert open_shards(out, require_val=False).num_samples("val") == 0
+
+
+def test_manifest_counts_match_what_is_read(shard_dir):
+    shard_set = open_shards(shard_dir, verify="full")
+    for split in ("train", "val"):
+        samples = all_samples(shard_set, split)
+        assert len(samples) == shard_set.num_samples(split)
+        assert sum(len(s) for s in samples) == shard_set.tokens(split)
+        assert np.array_equal([len(s) for s in samples], shard_set.lengths(split))
+        assert math.isclose(shard_set.target_tokens(split), shard_set.tokens(split) - len(samples))
