@@ -12,7 +12,8 @@ Files in the run directory (always written on rank 0, whatever the W&B mode):
   that is unknown (None, e.g. MFU on an unknown GPU) is written "n/a", a non-finite float
   "nan"/"inf"/"-inf", so that every line is strict JSON; appended to on resume;
 - `samples.jsonl`: one object per generated sample: {"step", "prompt", "completion", ...};
-- `wandb/`: the W&B run files (offline runs are synced later with `wandb sync RUN/wandb/offline-run-*`).
+- `wandb/`: the W&B run files (offline runs are synced later with `wandb sync RUN/wandb/offline-run-*`);
+- `wandb.json`: the W&B run's id, project, entity and mode (no secrets).
 
 W&B logs against the metric "step" (`define_metric("*", step_metric="step")`), not W&B's own
 step counter, so a run resumed from an older checkpoint can log its steps again.
@@ -349,6 +350,11 @@ class MetricsLogger:
             self.wandb_mode = "offline"
             self._run = wandb.init(mode="offline", **kwargs)
         self.wandb_run_id = self._run.id
+        # Where the W&B run lives, for tools/report.py --wandb-report and for `wandb sync`.
+        info = {"id": self._run.id, "project": self._run.project, "entity": self._run.entity or entity,
+                "mode": self.wandb_mode, "dir": str(Path(self._run.dir).parent)}
+        with atomic_path(self.run_dir / "wandb.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
         self._run.define_metric("step")
         self._run.define_metric("*", step_metric="step")
 
