@@ -69,6 +69,11 @@ class MicroBatch:
         """Share of the B x T positions that are padding."""
         return 1.0 - self.num_tokens / max(1, self.input_ids.numel())
 
+    def pin_memory(self) -> "MicroBatch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
+        return MicroBatch(self.input_ids.pin_memory(), self.targets.pin_memory(), self.attention_mask.pin_memory(),
+                          self.sample_ids, self.num_tokens, self.num_target_tokens, self.step, self.index, self.worker)
+
     def to(self, device, non_blocking: bool = False) -> "MicroBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), self.sample_ids,
@@ -170,14 +175,15 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # K workers per rank share the cores with the training process
 
 
-def _iterate(dataset: _MicroBatches, num_workers: int, prefetch_factor: int) -> Iterator[MicroBatch]:
+def _iterate(dataset: _MicroBatches, num_workers: int, prefetch_factor: int,
+             pin_memory: bool = False) -> Iterator[MicroBatch]:
     """The dataset's micro-batches in order, through K DataLoader workers (0: in this process)."""
     if num_workers == 0:
         source = iter(dataset)
         loader_iter = None
     else:
         loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                            worker_init_fn=_worker_init, persistent_workers=False)
+                            worker_init_fn=_worker_init, persistent_workers=False, pin_memory=pin_memory)
         source = loader_iter = iter(loader)
     try:
         for item in source:
@@ -229,13 +235,14 @@ class TrainStream:
     def __init__(self, shards: ShardSet, rank: int, world_size: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, num_workers: int = 0, seq_len_schedule: SeqLenSchedule | None = None,
                  max_seq_len: int = 512, max_tokens_per_micro_batch: int | None = None,
-                 shuffle_window_blocks: int = 16, prefetch_factor: int = 4):
+                 shuffle_window_blocks: int = 16, prefetch_factor: int = 4, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
             raise UserError(f"num_workers must be >= 0, got {num_workers}")
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.seed, self.num_workers, self.prefetch_factor = int(seed), num_workers, prefetch_factor
+        self.pin_memory = pin_memory and num_workers > 0 and torch.cuda.is_available()
         lengths = _check_lengths(shards, "train", max_seq_len)
         self.order = EpochOrder(shards.block_index("train").sizes, self.seed, shuffle_window_blocks)
         self.planner = BatchPlanner(lengths, self.order, world_size, micro_batch_size, grad_accum, max_seq_len,
@@ -277,7 +284,8 @@ class TrainStream:
             self._move_to(start)
             return
         job = _TrainJob(self.planner, epoch, start, global_step, steps, self.rank)
-        batches = _iterate(_MicroBatches(self.shards, "train", job), self.num_workers, self.prefetch_factor)
+        batches = _iterate(_MicroBatches(self.shards, "train", job), self.num_workers, self.prefetch_factor,
+                           self.pin_memory)
         grad_accum = self.planner.grad_accum
         try:
             for step in range(steps):

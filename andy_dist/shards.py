@@ -65,7 +65,7 @@ SECTION_PIECES = 16
 """A document of more pieces than this is split between train and val in sections of this many pieces."""
 DEFAULT_BLOCK_TOKENS = 65536
 """Tokens per tar member (block): about 128 KiB of uint16, so one random read costs one seek."""
-_CHUNK_TEXT_BYTES = 256 * 1024  # documents are sent to worker processes in chunks of about this much text
+_CHUNK_TEXT_BYTES = 64 * 1024  # documents are sent to worker processes in chunks of about this much text
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,7 +139,9 @@ class _Encoder:
     def encode_chunk(self, texts: Sequence[str]) -> _EncodedChunk:
         tokens, piece_lengths, piece_bytes = [], [], []
         doc_pieces, doc_text_tokens, doc_byte_fallback = [], [], []
-        for text, ids in zip(texts, self.tokenizer.sp.encode(list(texts))):
+        # One thread per process: SentencePiece would otherwise use every core in each worker,
+        # and --workers would not mean what it says.
+        for text, ids in zip(texts, self.tokenizer.sp.encode(list(texts), num_threads=1)):
             ids = np.asarray(ids, dtype=np.int64)
             sequence = np.concatenate([[BOS_ID], ids, [EOS_ID]])
             per_token_bytes = self.text_bytes[sequence]
