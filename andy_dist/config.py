@@ -135,6 +135,9 @@ class TrainConfig:
     """Peak learning rate, reached after warmup_steps."""
     warmup_steps: int = 1000
     """Linear warmup from 0 to lr over this many optimizer steps."""
+    lr_decay_steps: int | None = None
+    """Length of the schedule (warmup + cosine); default max_steps, else max_epochs x steps per epoch.
+    Set it when a run will be extended or stopped early, so the schedule does not depend on where it stops."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio at the last step."""
     weight_decay: float = 0.01
@@ -196,7 +199,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None or value < (0 if name == "warmup_steps" else 1e-12):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
-        for name in ("max_steps", "micro_batch_size", "global_batch_size", "eval_interval", "sample_interval",
+        for name in ("max_steps", "lr_decay_steps", "micro_batch_size", "global_batch_size", "eval_interval", "sample_interval",
                      "seq_len_start", "max_tokens_per_micro_batch"):
             value = getattr(self, name)
             if value is not None and value <= 0:

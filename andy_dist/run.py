@@ -109,7 +109,7 @@ def _tokenizer_for(args, data_dir: Path):
 
 
 def train(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value may come between options
     plan = plan_run(args)
     if args.dry_run:
         print(plan.describe())
@@ -161,7 +161,7 @@ def train(argv: list[str] | None = None) -> int:
     if universal:
         load_tag = ckpt.convert_to_universal(resume_from)
 
-    ds_config = resolve_ds_config(plan.ds, cfg, plan.batch, total_steps, plan.precision, plan.zero_stage,
+    ds_config = resolve_ds_config(plan.ds, cfg, plan.batch, cfg.lr_decay_steps or total_steps, plan.precision, plan.zero_stage,
                                   load_universal=universal)
     torch.manual_seed(cfg.seed)
     engine = build_engine(AndyLM(plan.model), ds_config, cfg.weight_decay)
@@ -196,7 +196,8 @@ def train(argv: list[str] | None = None) -> int:
         engine, stream, lambda: ValStream(shards, dist.rank, dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
                                           max_seq_len=plan.model.max_seq_len),
         cfg, plan.model, dist, device, logger, ckpt_dir, run_meta, plan.precision, plan.zero_stage, state=state,
-        sampler=_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []),
+        sampler=(_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []))
+        if cfg.sample_prompts else None,
         total_steps=total_steps, text_bytes_per_token=(val_bytes / val_tokens) if val_tokens and val_bytes else None,
         flops_per_token=flops_per_token(plan.model, plan.model.max_seq_len),
         peak_flops=peak_flops(device, dtype))

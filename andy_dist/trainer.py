@@ -1,6 +1,6 @@
 """The training loop, readable top to bottom: step, log, evaluate, keep best, stop early, checkpoint.
 
-Numerics of one optimizer step (`train_step`):
+Numerics of one optimizer step (`StepRunner`):
   * The loss of every micro-batch is a SUM over its target tokens; before the step the ranks
     agree on the target-token count of the whole global batch, and each micro-batch's sum is
     scaled by world x accumulation / global_tokens. DeepSpeed divides by accumulation and
@@ -19,6 +19,7 @@ Numerics of one optimizer step (`train_step`):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -82,6 +83,58 @@ def fault_steps(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
 
 
+class StepRunner:
+    """One optimizer step over this rank's micro-batches, with the loss normalised over the global batch."""
+
+    def __init__(self, engine, dist: DistEnv, device: torch.device, precision: str, zero_stage: int):
+        self.engine, self.dist, self.device = engine, dist, device
+        self.precision, self.zero_stage = precision, zero_stage
+
+    def __call__(self, micro_batches, inject_nan: bool = False, preempted: bool = False,
+                 before_step: Callable[[], None] | None = None) -> StepResult:
+        start = time.perf_counter()
+        engine, dist = self.engine, self.dist
+        # One collective up front: the global batch's target tokens (the loss normaliser).
+        local = torch.tensor([sum(int(mb.num_target_tokens) for mb in micro_batches)], dtype=torch.float64)
+        global_targets = self.all_reduce(local)[0].item()
+        scale = dist.world_size * len(micro_batches) / max(global_targets, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        input_tokens = padded = positions = 0
+        for index, mb in enumerate(micro_batches):
+            mb = mb.to(self.device)
+            out = engine(mb.input_ids, targets=mb.targets)  # (B, T) in, summed loss out; no mask: see module doc
+            loss = out.loss_sum * float("nan") if inject_nan else out.loss_sum
+            loss_sum += loss.detach().double().cpu()
+            input_tokens += int(mb.num_tokens)
+            positions += mb.input_ids.numel()
+            padded += mb.input_ids.numel() - int(mb.num_tokens)
+            engine.backward(loss * scale)
+            if index == len(micro_batches) - 1:
+                # Before the optimizer step the ranks agree on the loss (a non-finite value anywhere skips
+                # the step everywhere); the SIGTERM flag rides along, as ranks may get it at different moments.
+                totals = self.all_reduce(torch.tensor(
+                    [loss_sum.item(), input_tokens, padded, positions, float(preempted)], dtype=torch.float64))
+                skipped = not math.isfinite(totals[0].item())
+                if skipped and self.zero_stage == 0 and self.precision == "fp32":
+                    for param in engine.module.parameters():
+                        param.grad = None  # torch AdamW skips parameters without gradients
+                if before_step is not None:
+                    before_step()
+            engine.step()
+        return StepResult(loss=totals[0].item() / max(global_targets, 1.0), target_tokens=int(global_targets),
+                          input_tokens=int(totals[1].item()), padded_positions=int(totals[2].item()),
+                          total_positions=int(totals[3].item()), skipped=skipped, preempt=totals[4].item() > 0,
+                          seconds=time.perf_counter() - start)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks. gloo reduces CPU tensors; NCCL needs them on the GPU."""
+        if self.dist.world_size > 1:
+            moved = tensor.to(self.device) if self.device.type == "cuda" else tensor
+            torch_dist.all_reduce(moved)
+            tensor = moved.cpu()
+        return tensor
+
+
 class Trainer:
     def __init__(self, engine, stream, val_stream_factory: Callable[[], Any], cfg: TrainConfig, model_cfg: ModelConfig,
                  dist: DistEnv, device: torch.device, logger, ckpt_dir: Path, run_meta: dict,
@@ -112,6 +165,9 @@ class Trainer:
         self._window: list[StepResult] = []
         self._start_time = time.time()
         self._start_step = self.state.step
+        self.run_step = StepRunner(engine, dist, device, precision, zero_stage)
+        trace = os.environ.get("ANDY_TRACE_SAMPLES")  # debugging/tests: which samples each step consumed
+        self._trace = open(f"{trace}.rank{dist.rank}", "a") if trace else None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -119,7 +175,13 @@ class Trainer:
         try:
             while not self._finished():
                 for item in self.stream.iter_epoch():
-                    result = self.train_step(item.micro_batches)
+                    torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 7919 + self.dist.rank)
+                    result = self.run_step(item.micro_batches, inject_nan=(self.state.step + 1) in self._nan_steps,
+                                           preempted=self._preempted)
+                    if self._trace:
+                        self._trace.write(json.dumps({"step": self.state.step + 1,
+                                                      "samples": [int(i) for i in item.sample_ids]}) + "\n")
+                        self._trace.flush()
                     self._after_step(result)
                     if result.preempt:
                         self.save()
@@ -145,52 +207,6 @@ class Trainer:
         if self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps:
             return True
         return self.cfg.max_steps is None and self.stream.epoch >= self.cfg.max_epochs
-
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches) -> StepResult:
-        start = time.perf_counter()
-        engine, dist = self.engine, self.dist
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 7919 + dist.rank)
-        # One collective up front: the global batch's target tokens (the loss normaliser).
-        local = torch.tensor([sum(int(mb.num_target_tokens) for mb in micro_batches)], dtype=torch.float64)
-        global_targets = self._all_reduce(local)[0].item()
-        scale = dist.world_size * len(micro_batches) / max(global_targets, 1.0)
-        inject_nan = (self.state.step + 1) in self._nan_steps
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        input_tokens = padded = positions = 0
-        for index, mb in enumerate(micro_batches):
-            mb = mb.to(self.device)
-            out = engine(mb.input_ids, targets=mb.targets)
-            loss = out.loss_sum
-            if inject_nan:
-                loss = loss * float("nan")
-            loss_sum += loss.detach().double().cpu()
-            input_tokens += int(mb.num_tokens)
-            positions += mb.input_ids.numel()
-            padded += mb.input_ids.numel() - int(mb.num_tokens)
-            engine.backward(loss * scale)
-            if index == len(micro_batches) - 1:
-                # Before the optimizer step, agree on the loss: a non-finite value anywhere skips it.
-                # The SIGTERM flag rides along: ranks may receive the signal at different moments.
-                totals = self._all_reduce(torch.tensor(
-                    [loss_sum.item(), input_tokens, padded, positions, float(self._preempted)], dtype=torch.float64))
-                skipped = not math.isfinite(totals[0].item())
-                if skipped and self.zero_stage == 0 and self.precision == "fp32":
-                    for param in engine.module.parameters():
-                        param.grad = None  # torch AdamW skips parameters without gradients
-            engine.step()
-        return StepResult(loss=totals[0].item() / max(global_targets, 1.0), target_tokens=int(global_targets),
-                          input_tokens=int(totals[1].item()), padded_positions=int(totals[2].item()),
-                          total_positions=int(totals[3].item()), skipped=skipped, preempt=totals[4].item() > 0,
-                          seconds=time.perf_counter() - start)
-
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dist.world_size > 1:
-            # gloo reduces CPU tensors; NCCL needs them on the GPU.
-            moved = tensor.to(self.device) if self.device.type == "cuda" else tensor
-            torch_dist.all_reduce(moved)
-            tensor = moved.cpu()
-        return tensor
 
     def _after_step(self, result: StepResult) -> None:
         state = self.state
@@ -260,7 +276,7 @@ class Trainer:
                 out = engine(mb.input_ids, targets=mb.targets)
                 sums += torch.tensor([out.loss_sum.double().item(), int(mb.num_target_tokens)], dtype=torch.float64)
         engine.train()
-        sums = self._all_reduce(sums)
+        sums = self.run_step.all_reduce(sums)
         val_loss = sums[0].item() / max(sums[1].item(), 1.0)
         state = self.state
         improved = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss - self.cfg.min_delta)

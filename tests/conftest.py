@@ -76,3 +76,14 @@ def zh_fortunes() -> Path:
     if not path.exists():
         pytest.skip("../shared/corpora/zh_fortunes.jsonl is absent (fresh clone without shared/)")
     return path
+
+
+@pytest.fixture(scope="session")
+def train_shards(builtin_corpus, tokenizer_path, tmp_path_factory) -> Path:
+    """Real WebDataset shards of the built-in corpus, samples cut at 64 tokens so CPU steps are quick."""
+    from andy_dist.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "stdlib"
+    write_shards([str(builtin_corpus)], tokenizer_path, out, val_fraction=0.05, workers=1, max_seq_len=64,
+                 progress=False)
+    return out
