@@ -1,0 +1,212 @@
+"""Generation: tokens/s vs transformers' GPT-2 generate; int8 vs fp32 perplexity and file size.
+
+    python tools/bench.py generate                      # CPU speed (medium) + int8 quality (trained tiny)
+    python tools/bench.py generate --device cuda        # bf16 and int8 tokens/s at batch 1, 8, 64
+    python tools/bench.py generate --skip-quality --batch-sizes 1 --new-tokens 32   # quick
+
+Speed: the medium shape with random weights (speed does not depend on the values) against a
+transformers GPT2LMHeadModel of the same width, depth, heads and vocabulary (n_positions 512), both
+greedy (the same sampling settings), the same prompts of 16 tokens, the same torch thread count,
+one warm-up each. Quality: a tiny model trained for a few hundred steps in plain PyTorch on
+tinyshakespeare (or the built-in stdlib corpus), exported fp32 and int8, perplexity on held-out text.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from andy_dist.config import model_config
+from andy_dist.generate import generate
+from andy_dist.model import AndyLM
+from andy_dist.sampling import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0)
+PROMPT_LEN = 16
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (vs transformers) or cuda (bf16 and int8)")
+    parser.add_argument("--size", default="medium")
+    parser.add_argument("--batch-sizes", default=None, help="comma list (cpu: 1,8; cuda: 1,8,64)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: all)")
+    parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--skip-quality", action="store_true", help="skip the int8 perplexity / file size part")
+    parser.add_argument("--train-steps", type=int, default=300)
+
+
+def _int8_copy(model: AndyLM, kernel: str = "auto") -> AndyLM:
+    """The model as the int8 export would load it (same transform, no file round trip)."""
+    from andy_dist.modelfile import build_model
+    from andy_dist.quantize import SCHEME, quantize_state_dict
+
+    info = {"model_config": model.cfg.to_dict(),
+            "quantization": {"scheme": SCHEME, "float_dtype": "fp32", "embeddings_quantized": True}}
+    device = model.embed.weight.device
+    tensors = quantize_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()},
+                                  tied=model.cfg.tie_embeddings)
+    return build_model(tensors, info, device=device, int8_kernel=kernel)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_ours(model, prompts, new_tokens, device) -> float:
+    generate(model, [p[:4] for p in prompts], 4, GREEDY, eos_id=-1)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, GREEDY, eos_id=-1)
+    _sync(device)
+    assert all(len(r) == new_tokens for r in out)
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def _hf_model(cfg):
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                        n_positions=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return GPT2LMHeadModel(hf_cfg).eval()
+
+
+def _time_hf(model, prompts, new_tokens) -> float:
+    ids = torch.tensor(prompts)
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids[:, :4], max_new_tokens=4, **kwargs | {"min_new_tokens": 4,
+                                                                  "attention_mask": torch.ones_like(ids[:, :4])})
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
+    assert out.shape[1] == PROMPT_LEN + new_tokens
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def speed_cpu(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = model_config(args.size, dropout=0.0)
+    torch.manual_seed(0)
+    fp32 = AndyLM(cfg).eval()
+    int8 = _int8_copy(fp32)
+    hf = None if args.skip_hf else _hf_model(cfg)
+    figures = {"shape": cfg.to_dict(), "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+               "prompt_tokens": PROMPT_LEN, "sampling": "greedy (both)"}
+    if hf is None and not args.skip_hf:
+        figures["transformers"] = "missing: pip install transformers (the 'bench' extra) for the baseline"
+    gen = torch.Generator().manual_seed(1)
+    for batch in [int(b) for b in (args.batch_sizes or "1,8").split(",")]:
+        prompts = torch.randint(4, cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
+        row = {"ours_fp32_tok_s": _time_ours(fp32, prompts, args.new_tokens, "cpu"),
+               "ours_int8_tok_s": _time_ours(int8, prompts, args.new_tokens, "cpu")}
+        if hf is not None:
+            row["hf_fp32_tok_s"] = _time_hf(hf, prompts, args.new_tokens)
+            row["ratio_int8_vs_hf"] = row["ours_int8_tok_s"] / row["hf_fp32_tok_s"]
+            row["ratio_fp32_vs_hf"] = row["ours_fp32_tok_s"] / row["hf_fp32_tok_s"]
+        figures[f"batch_{batch}"] = {k: round(v, 2) for k, v in row.items()}
+        print(f"batch {batch}: {figures[f'batch_{batch}']}", flush=True)
+    return figures
+
+
+def speed_cuda(args) -> dict:
+    device = args.device
+    cfg = model_config(args.size, dropout=0.0)
+    torch.manual_seed(0)
+    base = AndyLM(cfg).eval()
+    models = {"bf16": base.to(device=device, dtype=torch.bfloat16)}
+    int8 = _int8_copy(base.float().cpu())
+    models["int8"] = int8.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    figures = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+               "shape": cfg.to_dict(), "new_tokens": args.new_tokens}
+    gen = torch.Generator().manual_seed(1)
+    for batch in [int(b) for b in (args.batch_sizes or "1,8,64").split(",")]:
+        prompts = torch.randint(4, cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
+        row = {name: round(_time_ours(m, prompts, args.new_tokens, device), 1) for name, m in models.items()}
+        figures[f"batch_{batch}_tok_s"] = row
+        print(f"batch {batch}: {row}", flush=True)
+    kernel = next(m for m in models["int8"].modules() if hasattr(m, "chosen_kernel"))
+    figures["int8_kernel"] = kernel.chosen_kernel(torch.zeros(1, device=device, dtype=torch.bfloat16))
+    return figures
+
+
+def _corpus_text() -> tuple[str, str]:
+    shakespeare = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "tinyshakespeare.txt"
+    if shakespeare.exists():
+        return shakespeare.read_text(encoding="utf-8"), "tinyshakespeare"
+    from andy_dist.corpus import write_default_corpus, read_documents
+
+    path = write_default_corpus(Path(tempfile.mkdtemp()) / "stdlib.jsonl", max_bytes=1_000_000)
+    return "\n".join(d.text for d in read_documents([str(path)])), "stdlib"
+
+
+def quality(args) -> dict:
+    """Train a tiny model briefly, export fp32 / int8 / int8 with float embeddings, compare."""
+    from andy_dist.corpus import Document
+    from andy_dist.modelfile import load_model_file, save_model_file
+    from andy_dist.tokenizer import train_tokenizer, Tokenizer
+    from tools.evaluate import evaluate_batches, text_batches
+
+    text, name = _corpus_text()
+    cut = int(len(text) * 0.9)
+    train_text, held_text = text[:cut], text[cut:]
+    work = Path(tempfile.mkdtemp())
+    tokenizer = Tokenizer.from_file(train_tokenizer([Document("train", train_text)], 2000, work))
+    cfg = model_config("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
+    ids = torch.tensor(tokenizer.encode(train_text))
+    torch.manual_seed(0)
+    model = AndyLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seq, batch = 128, 16
+    from tqdm import tqdm
+
+    for _ in tqdm(range(args.train_steps), desc="train tiny", mininterval=2.0):
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,))
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        y = torch.stack([ids[s + 1 : s + seq + 1] for s in starts])
+        out = model(x, targets=y)
+        loss = out.loss_sum / out.target_tokens
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = model.eval().state_dict()
+    held = [2] + tokenizer.encode(held_text[:60_000]) + [3]
+    held_bytes = len(held_text[:60_000].encode())
+    figures = {"corpus": name, "train_steps": args.train_steps, "final_train_loss": round(float(loss), 4)}
+    for label, dtype, float_embed in [("fp32", "fp32", False), ("int8", "int8", False),
+                                      ("int8_float_embeddings", "int8", True)]:
+        path = save_model_file(work / f"{label}.andy", state, cfg, tokenizer, dtype=dtype,
+                               quantize_embeddings=not float_embed)
+        loaded, _, _ = load_model_file(path)
+        result = evaluate_batches(loaded, text_batches(held, cfg.max_seq_len), held_bytes)
+        figures[label] = {"perplexity": round(result["perplexity"], 4), "bits_per_byte": round(result["bits_per_byte"], 4),
+                          "file_bytes": path.stat().st_size}
+    base = figures["fp32"]
+    for label in ("int8", "int8_float_embeddings"):
+        figures[label]["ppl_vs_fp32"] = round(figures[label]["perplexity"] / base["perplexity"], 4)
+        figures[label]["size_vs_fp32"] = round(figures[label]["file_bytes"] / base["file_bytes"], 4)
+    # The medium shape's file sizes follow from parameter counts (no training needed).
+    medium = model_config("medium")
+    emb = 2 * medium.vocab_size * medium.d_model  # embedding + LM head; scales and norms are negligible
+    blocks = medium.n_layers * (12 * medium.d_model ** 2 + 13 * medium.d_model)
+    figures["medium_size_estimate"] = {"fp32_bytes": 4 * (emb + blocks), "int8_bytes": emb + blocks,
+                                       "ratio": round((emb + blocks) / (4 * (emb + blocks)), 3)}
+    return figures
+
+
+def run(args) -> dict:
+    figures: dict = {}
+    if args.device == "cpu":
+        figures["speed_cpu"] = speed_cpu(args)
+        if not args.skip_quality:
+            figures["quality"] = quality(args)
+    else:
+        figures["speed_gpu"] = speed_cuda(args)
+    return figures
