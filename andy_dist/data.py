@@ -33,7 +33,7 @@ own rows, and reads them by seeking to the blocks that hold them (`andy_dist.sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np

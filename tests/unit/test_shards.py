@@ -211,9 +211,10 @@ def test_single_long_document_still_gets_a_validation_split(tmp_path, tokenizer,
     write_shards([book], tokenizer, out, val_fraction=0.1, workers=1, max_seq_len=64, progress=False)
     shard_set = open_shards(out, tokenizer=tokenizer)
     assert shard_set.num_samples("val") > 0 and shard_set.num_samples("train") > 0
-    # Joined in sample-id order per split and merged back by section order, the text is whole.
-    total = shard_set.text_bytes("train") + shard_set.text_bytes("val")
-    assert total == len(text.encode("utf-8"))
+    expected = expected_samples([text], tokenizer, 0.1, 64)  # sections of 16 pieces, every 10th to val
+    for split in ("train", "val"):
+        assert [s.tolist() for s in all_samples(shard_set, split)] == expected[split]
+    assert shard_set.text_bytes("train") + shard_set.text_bytes("val") == len(text.encode("utf-8"))
 
 
 def chinese_round_trip(inputs, tokenizer, out: Path, max_seq_len: int) -> None:
