@@ -121,9 +121,9 @@ def speed_cuda(args) -> dict:
     cfg = model_config(args.size, dropout=0.0)
     torch.manual_seed(0)
     base = AndyLM(cfg).eval()
-    models = {"bf16": base.to(device=device, dtype=torch.bfloat16)}
-    int8 = _int8_copy(base.float().cpu())
-    models["int8"] = int8.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    int8 = _int8_copy(base)  # before the move: Module.to works in place
+    models = {"bf16": base.to(device=device, dtype=torch.bfloat16),
+              "int8": int8.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)}
     figures = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
                "shape": cfg.to_dict(), "new_tokens": args.new_tokens}
     gen = torch.Generator().manual_seed(1)
