@@ -28,7 +28,8 @@ own rows, and reads them by seeking to the blocks that hold them (`andy_dist.sha
   with another world size at the same G continues with the same global batches.
 * Batches: right-padded with PAD; attention_mask 1 on real tokens; targets are the next tokens with
   PAD where there is none (padding, a sample's last token). Padding is low because micro-batches are
-  length buckets of the global batch (see `MicroBatch.padding_fraction`).
+  length buckets of the global batch, and lower still with `bucket_window` > 1, which sorts windows
+  of several global batches (see `andy_dist.sampler`; `MicroBatch.padding_fraction` reports it).
 """
 
 from __future__ import annotations
@@ -109,15 +110,16 @@ def collate(samples: list[np.ndarray], cap: int, sample_ids, step: int = -1, ind
 class _TrainJob:
     """The rank's micro-batches of an epoch from a position: item j = step j div A, micro-batch j mod A."""
 
-    def __init__(self, planner: BatchPlanner, epoch: int, position: int, global_step: int, steps: int, rank: int):
+    def __init__(self, planner: BatchPlanner, epoch: int, position: int, global_step: int, steps: int, rank: int,
+                 origin: int = 0):
         self.planner, self.epoch, self.position, self.global_step = planner, epoch, position, global_step
-        self.steps, self.rank = steps, rank
+        self.steps, self.rank, self.origin = steps, rank, origin
         self._plan: tuple[int, StepPlan] | None = None
 
     def plan(self, step: int) -> StepPlan:
         if self._plan is None or self._plan[0] != step:
             position = self.position + step * self.planner.global_batch
-            self._plan = (step, self.planner.plan(self.epoch, position, self.global_step + step))
+            self._plan = (step, self.planner.plan(self.epoch, position, self.global_step + step, self.origin))
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -235,7 +237,8 @@ class TrainStream:
     def __init__(self, shards: ShardSet, rank: int, world_size: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, num_workers: int = 0, seq_len_schedule: SeqLenSchedule | None = None,
                  max_seq_len: int = 512, max_tokens_per_micro_batch: int | None = None,
-                 shuffle_window_blocks: int = 16, prefetch_factor: int = 4, pin_memory: bool = False):
+                 shuffle_window_blocks: int = 16, prefetch_factor: int = 4, pin_memory: bool = False,
+                 bucket_window: int = 1):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
@@ -246,13 +249,14 @@ class TrainStream:
         lengths = _check_lengths(shards, "train", max_seq_len)
         self.order = EpochOrder(shards.block_index("train").sizes, self.seed, shuffle_window_blocks)
         self.planner = BatchPlanner(lengths, self.order, world_size, micro_batch_size, grad_accum, max_seq_len,
-                                    seq_len_schedule, max_tokens_per_micro_batch)
+                                    seq_len_schedule, max_tokens_per_micro_batch, bucket_window)
         if self.steps_per_epoch == 0:
             raise UserError(f"the train split of {shards.dir} has {len(lengths)} samples, fewer than one global "
                             f"batch of {self.global_batch} (micro_batch_size x grad_accum x world_size); "
                             f"lower the batch size or add data")
         self.epoch = 0
         self.samples_in_epoch = 0
+        self.bucket_origin = 0  # where this epoch's bucket windows start (moves only on a resume with a new G)
         self.steps_in_epoch = 0
         self.consumed_samples = 0
         self.consumed_steps = 0
@@ -283,7 +287,7 @@ class TrainStream:
         if steps == 0:
             self._move_to(start)
             return
-        job = _TrainJob(self.planner, epoch, start, global_step, steps, self.rank)
+        job = _TrainJob(self.planner, epoch, start, global_step, steps, self.rank, self.bucket_origin)
         batches = _iterate(_MicroBatches(self.shards, "train", job), self.num_workers, self.prefetch_factor,
                            self.pin_memory)
         grad_accum = self.planner.grad_accum
@@ -313,6 +317,7 @@ class TrainStream:
         if self.planner.steps_from(position) == 0:
             self.epoch += 1
             self.samples_in_epoch = 0
+            self.bucket_origin = 0
             self.steps_in_epoch = 0
 
     def _identity(self) -> dict:
@@ -325,6 +330,7 @@ class TrainStream:
             "shuffle_window_blocks": self.order.window_blocks,
             "max_seq_len": self.planner.max_seq_len,
             "seq_len_schedule": schedule.to_dict() if schedule is not None else None,
+            "bucket_window": self.planner.bucket_window,
         }
 
     def state_dict(self) -> dict:
@@ -338,6 +344,7 @@ class TrainStream:
             "consumed_samples": self.consumed_samples,
             "consumed_steps": self.consumed_steps,
             "global_batch": self.global_batch,
+            "bucket_origin": self.bucket_origin,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,11 +362,20 @@ class TrainStream:
                 raise UserError(f"cannot resume the data stream: the checkpoint has {key}={state.get(key)!r}, "
                                 f"this run has {mine!r}; run with the checkpoint's {key} (same shards, seed, "
                                 f"max_seq_len and sequence-length schedule)")
+        position, origin = int(state["samples_in_epoch"]), int(state.get("bucket_origin", 0))
+        if int(state["global_batch"]) != self.global_batch and self.planner.bucket_window > 1:
+            window = self.planner.bucket_window * int(state["global_batch"])
+            if (position - origin) % window:
+                raise UserError(f"cannot change the global batch ({state['global_batch']} -> {self.global_batch}) "
+                                f"in the middle of a length-bucket window (bucket_window="
+                                f"{self.planner.bucket_window}); resume with the old global batch")
+            origin = position  # the new run's windows start where the old ones stopped
+        self.bucket_origin = origin
         self.epoch = int(state["epoch"])
         self.steps_in_epoch = int(state["steps_in_epoch"])
         self.consumed_samples = int(state["consumed_samples"])
         self.consumed_steps = int(state["consumed_steps"])
-        self._move_to(int(state["samples_in_epoch"]))
+        self._move_to(position)
 
 
 # ---------------------------------------------------------------------------------------------

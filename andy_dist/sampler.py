@@ -18,6 +18,11 @@ That is what makes the stream exact without any communication between ranks:
    to rank j mod W as its (j div W)-th micro-batch. The G samples of a step, and the token counts that
    normalise the loss, are therefore the same for any W with the same G; only who computes which
    rows changes.
+4. Optional wider buckets (`bucket_window` L > 1). With few micro-batches per step (W x A small)
+   a global batch of mixed lengths still pads a lot. Then the order is cut into windows of L global
+   batches, each window sorted by length into L batches that are taken in a seeded random order. This
+   is still a function of (seed, epoch, G) only, so resumes stay exact; steps then hold samples of
+   similar length (the usual bucketing trade-off).
 """
 
 from __future__ import annotations
@@ -148,7 +153,7 @@ class BatchPlanner:
 
     def __init__(self, lengths: np.ndarray, order: EpochOrder, world_size: int, micro_batch_size: int,
                  grad_accum: int, max_seq_len: int, schedule: SeqLenSchedule | None = None,
-                 max_tokens_per_micro_batch: int | None = None):
+                 max_tokens_per_micro_batch: int | None = None, bucket_window: int = 1):
         for name, value in (("world_size", world_size), ("micro_batch_size", micro_batch_size),
                             ("grad_accum", grad_accum), ("max_seq_len", max_seq_len)):
             if value < 1:
@@ -159,6 +164,10 @@ class BatchPlanner:
         self.max_seq_len = max_seq_len
         self.schedule = schedule
         self.max_tokens = max_tokens_per_micro_batch
+        if bucket_window < 1:
+            raise UserError(f"bucket_window must be at least 1 global batch, got {bucket_window}")
+        self.bucket_window = bucket_window
+        self._window: tuple[tuple[int, int, int], list[np.ndarray]] | None = None
         if self.max_tokens is not None and self.max_tokens < micro_batch_size * max_seq_len:
             raise UserError(f"max_tokens_per_micro_batch={self.max_tokens} must be at least micro_batch_size x "
                             f"max_seq_len = {micro_batch_size * max_seq_len}, so every step fits its "
@@ -180,11 +189,39 @@ class BatchPlanner:
         cap = self.max_seq_len if self.schedule is None else min(self.max_seq_len, self.schedule.cap(global_step))
         return cap
 
-    def plan(self, epoch: int, position: int, global_step: int) -> StepPlan:
-        """The step that takes positions [position, position + G) of epoch `epoch`'s order."""
-        ids = self.order(epoch)[position:position + self.global_batch]
-        if len(ids) != self.global_batch:
-            raise IndexError(f"position {position} leaves no whole global batch in the epoch")
+    def step_samples(self, epoch: int, position: int, origin: int = 0) -> np.ndarray:
+        """The G sample ids of the step at `position` (a multiple of G after `origin`).
+
+        bucket_window L = 1: positions [position, position + G) of the epoch order. L > 1: the order
+        from `origin` is cut into windows of L global batches; each window is sorted by length and cut
+        into L batches of similar lengths, which are taken in a random order (seeded by seed, epoch and
+        window). Padding drops a lot; each step then holds samples of similar length.
+        """
+        G, L = self.global_batch, self.bucket_window
+        order = self.order(epoch)
+        if L == 1:
+            ids = order[position:position + G]
+            if len(ids) != G:
+                raise IndexError(f"position {position} leaves no whole global batch in the epoch")
+            return ids
+        step = (position - origin) // G
+        if (position - origin) % G or not 0 <= step < self.steps_from(origin):
+            raise IndexError(f"position {position} is not a whole step after {origin} in the epoch")
+        window, slot = divmod(step, L)
+        key = (epoch, origin, window)
+        if self._window is None or self._window[0] != key:
+            start = origin + window * L * G
+            batches = min(L, self.steps_from(origin) - window * L)
+            ids = order[start:start + batches * G]
+            ids = ids[np.argsort(self.lengths[ids], kind="stable")]
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.order.seed, epoch, origin,
+                                                                             window, 1])))
+            self._window = (key, [ids[b * G:(b + 1) * G] for b in rng.permutation(batches)])
+        return self._window[1][slot]
+
+    def plan(self, epoch: int, position: int, global_step: int, origin: int = 0) -> StepPlan:
+        """The step that takes the samples at `position` of epoch `epoch` (see `step_samples`)."""
+        ids = self.step_samples(epoch, position, origin)
         cap = self.cap(global_step)
         full = self.lengths[ids].astype(np.int64)
         capped = np.minimum(full, cap)

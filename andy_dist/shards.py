@@ -234,14 +234,14 @@ class SplitRule:
     def __init__(self, val_fraction: float):
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-        self.fraction = Fraction(str(val_fraction)).limit_denominator(1_000_000)
+        fraction = Fraction(str(val_fraction)).limit_denominator(1_000_000)
+        self.numerator, self.denominator = fraction.numerator, fraction.denominator
         self.units = 0
 
     def next_split(self) -> str:
-        k = self.units
+        k, num, den = self.units, self.numerator, self.denominator
         self.units += 1
-        f = self.fraction
-        return "val" if ((k + 1) * f.numerator) // f.denominator > (k * f.numerator) // f.denominator else "train"
+        return "val" if ((k + 1) * num) // den > (k * num) // den else "train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +296,14 @@ class SplitWriter:
         self._current: dict | None = None
 
     def add(self, sample: np.ndarray) -> None:
+        length = len(sample)
         self._block.append(sample)
-        self._block_tokens += len(sample)
-        self.lengths.append(len(sample))
-        self.stats.samples += 1
-        self.stats.tokens += len(sample)
-        self.stats.target_tokens += len(sample) - 1
+        self._block_tokens += length
+        self.lengths.append(length)
+        stats = self.stats
+        stats.samples += 1
+        stats.tokens += length
+        stats.target_tokens += length - 1
         if self._block_tokens >= self.block_tokens:
             self._flush_block()
 
@@ -459,31 +461,33 @@ def write_shards(
 
 def _write_chunk(chunk: _EncodedChunk, writers: dict[str, SplitWriter], split_rule: SplitRule) -> None:
     """Append a chunk's documents to the splits, section by section, in input order."""
-    piece_starts = np.concatenate([[0], np.cumsum(chunk.piece_lengths)])
+    # Plain Python ints: this loop runs once per piece in the main process, the serial part of the job.
+    starts = np.concatenate([[0], np.cumsum(chunk.piece_lengths)]).tolist()
+    piece_bytes = chunk.piece_bytes.tolist()
+    text_tokens, fallback = chunk.doc_text_tokens.tolist(), chunk.doc_byte_fallback.tolist()
     first_piece = 0
     for doc, n_pieces in enumerate(chunk.doc_pieces.tolist()):
         text_tokens_by_split: dict[str, int] = {}
         for section_start in range(0, n_pieces, SECTION_PIECES):
             writer = writers[split_rule.next_split()]
             section_end = min(n_pieces, section_start + SECTION_PIECES)
-            for p in range(first_piece + section_start, first_piece + section_end):
-                writer.add(chunk.tokens[piece_starts[p]:piece_starts[p + 1]])
-                writer.stats.text_bytes += int(chunk.piece_bytes[p])
-            tokens = int(chunk.piece_lengths[first_piece + section_start:first_piece + section_end].sum())
-            text = tokens - (section_start == 0) - (section_end == n_pieces)  # minus BOS / EOS
+            lo, hi = first_piece + section_start, first_piece + section_end
+            for p in range(lo, hi):
+                writer.add(chunk.tokens[starts[p]:starts[p + 1]])
+            writer.stats.text_bytes += sum(piece_bytes[lo:hi])
+            text = starts[hi] - starts[lo] - (section_start == 0) - (section_end == n_pieces)  # minus BOS / EOS
             text_tokens_by_split[writer.split] = text_tokens_by_split.get(writer.split, 0) + text
         # A document that straddles both splits (only very long ones) shares its byte-fallback count
         # in proportion to its text tokens; every other document goes to one split whole.
-        total_text = max(1, int(chunk.doc_text_tokens[doc]))
-        fallback_left = int(chunk.doc_byte_fallback[doc])
+        fallback_left = fallback[doc]
         for i, (split, text) in enumerate(sorted(text_tokens_by_split.items())):
             stats = writers[split].stats
             stats.documents += 1
             stats.text_tokens += text
-            share = fallback_left if i == len(text_tokens_by_split) - 1 else round(
-                chunk.doc_byte_fallback[doc] * text / total_text)
-            stats.byte_fallback_tokens += int(share)
-            fallback_left -= int(share)
+            last = i == len(text_tokens_by_split) - 1
+            share = fallback_left if last else round(fallback[doc] * text / max(1, text_tokens[doc]))
+            stats.byte_fallback_tokens += share
+            fallback_left -= share
         first_piece += n_pieces
 
 

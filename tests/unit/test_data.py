@@ -359,3 +359,38 @@ def test_configuration_errors(shards, tmp_path, shards_dir):
         empty_val = open_shards(shards_dir)
         empty_val.manifest["splits"]["val"]["samples"] = 0
         ValStream(empty_val, 0, 1, 4, max_seq_len=128)
+
+
+def test_bucket_window_lowers_padding_and_stays_exact(shards):
+    """Windows of 8 global batches sorted by length: every sample still once, resumes still exact."""
+    narrow = stream(shards, 0, 2, micro_batch_size=4, grad_accum=1)
+    wide = [stream(shards, rank, 2, micro_batch_size=4, grad_accum=1, bucket_window=8) for rank in range(2)]
+    padding = {"narrow": [s.padding_fraction for s in narrow.iter_epoch()], "wide": []}
+    seen = []
+    for s in wide:
+        for step in s.iter_epoch():
+            padding["wide"].append(step.padding_fraction)
+            seen.extend(step.sample_ids.tolist())
+    g = 8
+    assert len(seen) == len(set(seen)) == wide[0].steps_per_epoch * g
+    assert np.mean(padding["wide"]) < 0.5 * np.mean(padding["narrow"])
+
+    reference = epoch_record(stream(shards, 0, 2, micro_batch_size=4, grad_accum=1, bucket_window=8))
+    first = stream(shards, 0, 2, micro_batch_size=4, grad_accum=1, bucket_window=8)
+    head = epoch_record(first, limit=13)  # mid-window
+    resumed = stream(shards, 0, 2, micro_batch_size=4, grad_accum=1, bucket_window=8, num_workers=2)
+    resumed.load_state_dict(first.state_dict())
+    assert head + epoch_record(resumed) == reference
+    # Another global batch: refused mid-window, accepted at a window boundary, still exactly once.
+    other = stream(shards, 0, 1, micro_batch_size=4, grad_accum=1, bucket_window=8)
+    with pytest.raises(UserError, match="bucket_window"):
+        other.load_state_dict(first.state_dict())
+    boundary = stream(shards, 0, 1, micro_batch_size=8, grad_accum=1, bucket_window=8)
+    epoch_record(boundary, limit=8)  # one whole window of 8 steps x 8 samples
+    bigger = stream(shards, 0, 1, micro_batch_size=4, grad_accum=1, bucket_window=8)
+    bigger.load_state_dict(boundary.state_dict())
+    before = {i for step in epoch_record(stream(shards, 0, 1, micro_batch_size=8, grad_accum=1, bucket_window=8),
+                                         limit=8) for i in step["global"]}
+    after = [i for step in epoch_record(bigger) for i in step["global"]]
+    assert len(after) == len(set(after)) and not before & set(after)
+    assert len(before) + len(after) > shards.num_samples("train") - 8

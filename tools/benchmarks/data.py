@@ -10,6 +10,8 @@ Figures:
   train_tokens_s                   real tokens/s a plain PyTorch fwd + bwd + AdamW step of the tiny AndyLM
                                    consumes at micro-batch 16, sequences up to 256, on this machine
   stream_over_train_K              the ratio (aim: >= 50, so data loading is never the bottleneck)
+  padding_fraction[_bucket_window_16]  padded share of positions (2 ranks x micro-batch 16 x 1 accumulation
+                                   step: 2 buckets per global batch), and with windows of 16 global batches
 """
 
 from __future__ import annotations
@@ -70,10 +72,10 @@ def _make_shards_mb_s(source: Path, tokenizer: Tokenizer, out: Path, workers: in
     return manifest["stats"]["bytes_in"] / 1e6 / seconds, manifest
 
 
-def _stream_tokens_s(shards, workers: int, steps: int) -> tuple[float, float]:
+def _stream_tokens_s(shards, workers: int, steps: int, bucket_window: int = 1) -> tuple[float, float]:
     """Real tokens per second rank 0 of 2 receives, and its mean padding fraction."""
     stream = TrainStream(shards, rank=0, world_size=2, micro_batch_size=MICRO_BATCH, grad_accum=1, seed=0,
-                         num_workers=workers, max_seq_len=SEQ_LEN)
+                         num_workers=workers, max_seq_len=SEQ_LEN, bucket_window=bucket_window)
     tokens, padding, count = 0, 0.0, 0
     start = time.perf_counter()
     while count < steps:  # several epochs if the corpus is small; worker start-up is included
@@ -134,5 +136,6 @@ def run(args) -> dict:
             figures[f"stream_tokens_s_per_rank_{workers}_workers"] = round(tokens_s, 1)
             figures[f"stream_over_train_{workers}_workers"] = round(tokens_s / train, 1)
             figures["padding_fraction"] = round(padding, 4)
+        figures["padding_fraction_bucket_window_16"] = round(_stream_tokens_s(shards, 0, args.steps, 16)[1], 4)
         figures["cpu_threads"] = torch.get_num_threads()
         return figures
