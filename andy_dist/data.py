@@ -388,6 +388,10 @@ class ValStream:
     Iterate it once per evaluation. Ranks with fewer real micro-batches get all-PAD ones (one row,
     no tokens, no targets) so no rank waits for another in a collective. Samples are bucketed by
     length (sorted, then cut into micro-batches of M) to keep padding low.
+
+    Bits per byte: one pass sums the loss over `target_tokens` predictions (every token but each
+    sample's first), so bpb = summed loss / ln 2 / `text_bytes`. The first token of a continuation
+    piece of a cut document is not predicted, so this slightly under-counts on long documents.
     """
 
     def __init__(self, shards: ShardSet, rank: int, world_size: int, micro_batch_size: int,

@@ -146,7 +146,8 @@ class _Encoder:
             sequence = np.concatenate([[BOS_ID], ids, [EOS_ID]])
             per_token_bytes = self.text_bytes[sequence]
             if int(per_token_bytes.sum()) != len(text.encode("utf-8")):
-                raise RuntimeError("tokenizer is not lossless on a document; text bytes would be wrong")
+                raise UserError("the tokenizer does not reproduce the input text exactly (it normalises text), so "
+                                "text bytes and bits per byte would be wrong; train it with tools/train_tokenizer.py")
             start = 0
             lengths = cut_lengths(len(sequence), self.max_seq_len)
             for length in lengths:
