@@ -140,7 +140,7 @@ def train(argv: list[str] | None = None) -> int:
     stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
                          grad_accum=plan.batch.grad_accum, seed=cfg.seed, num_workers=cfg.num_workers,
                          seq_len_schedule=schedule, max_seq_len=plan.model.max_seq_len,
-                         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch)
+                         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch, bucket_window=cfg.bucket_window)
     total_steps = cfg.max_steps or stream.steps_per_epoch * cfg.max_epochs
 
     out = Path(args.out)
@@ -190,7 +190,6 @@ def train(argv: list[str] | None = None) -> int:
                            entity=cfg.wandb_entity, run_name=cfg.run_name or out.name, tags=cfg.wandb_tags,
                            resume_id=state.wandb_run_id, total_steps=total_steps)
     state.wandb_run_id = logger.wandb_run_id
-    val_tokens, val_bytes = shards.tokens("val"), shards.text_bytes("val")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
     trainer = Trainer(
         engine, stream, lambda: ValStream(shards, dist.rank, dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
@@ -198,7 +197,7 @@ def train(argv: list[str] | None = None) -> int:
         cfg, plan.model, dist, device, logger, ckpt_dir, run_meta, plan.precision, plan.zero_stage, state=state,
         sampler=(_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []))
         if cfg.sample_prompts else None,
-        total_steps=total_steps, text_bytes_per_token=(val_bytes / val_tokens) if val_tokens and val_bytes else None,
+        total_steps=total_steps, val_text_bytes=shards.text_bytes("val"),
         flops_per_token=flops_per_token(plan.model, plan.model.max_seq_len),
         peak_flops=peak_flops(device, dtype))
     if dist.is_main:

@@ -35,6 +35,7 @@ from andy_dist import checkpoint as ckpt
 from andy_dist.config import ModelConfig, TrainConfig
 from andy_dist.distenv import DistEnv
 from andy_dist.engine import current_lr, full_state_dict
+from andy_dist.metrics import Throughput, memory_gb, validation_metrics
 
 
 class TrainingStopped(Exception):
@@ -140,7 +141,7 @@ class Trainer:
                  dist: DistEnv, device: torch.device, logger, ckpt_dir: Path, run_meta: dict,
                  precision: str, zero_stage: int, state: TrainState | None = None,
                  sampler: Callable[[dict | None, int], list[dict]] | None = None,
-                 total_steps: int | None = None, text_bytes_per_token: float | None = None,
+                 total_steps: int | None = None, val_text_bytes: int | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None):
         self.engine = engine
         self.stream = stream
@@ -157,7 +158,8 @@ class Trainer:
         self.state = state or TrainState()
         self.sampler = sampler
         self.total_steps = total_steps
-        self.text_bytes_per_token = text_bytes_per_token
+        self.val_text_bytes = val_text_bytes
+        self.throughput = Throughput(total_steps=total_steps)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self._preempted = False
@@ -165,6 +167,7 @@ class Trainer:
         self._window: list[StepResult] = []
         self._start_time = time.time()
         self._start_step = self.state.step
+        self._last_eval_step: int | None = None
         self.run_step = StepRunner(engine, dist, device, precision, zero_stage)
         trace = os.environ.get("ANDY_TRACE_SAMPLES")  # debugging/tests: which samples each step consumed
         self._trace = open(f"{trace}.rank{dist.rank}", "a") if trace else None
@@ -195,6 +198,8 @@ class Trainer:
                         break
                 else:  # the epoch ran to its end
                     self.evaluate()
+            if self._last_eval_step != self.state.step and not self.state.early_stopped:
+                self.evaluate()  # every run ends validated, so `best` always exists
             if self.state.step % self.cfg.save_interval:
                 self.save()
         finally:
@@ -226,6 +231,7 @@ class Trainer:
         else:
             state.bad_steps_in_row = 0
         self._window.append(result)
+        self.throughput.update(result.input_tokens, result.seconds)
         if state.step % self.cfg.log_interval == 0 or state.step == 1:
             self._log_training()
         if self.cfg.sample_interval and state.step % self.cfg.sample_interval == 0:
@@ -233,41 +239,36 @@ class Trainer:
 
     def _log_training(self) -> None:
         window, self._window = self._window, []
-        seconds = sum(r.seconds for r in window)
-        tokens = sum(r.input_tokens for r in window)
         finite = [r.loss for r in window if math.isfinite(r.loss)]
-        last = window[-1]
-        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        tokens_per_s = self.throughput.tokens_per_s
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
             "train/lr": current_lr(self.engine),
             "train/grad_norm": _grad_norm(self.engine),
             "train/tokens_per_s": tokens_per_s,
             "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
+            # MFU = achieved FLOP/s / peak FLOP/s of all devices; see andy_dist/flops.py for the formula
+            "train/mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+                          if self.flops_per_token and self.peak_flops else "n/a"),
             "train/global_batch_seqs": self.run_meta["global_batch_size"],
-            "train/global_batch_tokens": last.input_tokens,
+            "train/global_batch_tokens": window[-1].input_tokens,
             "train/padding_fraction": sum(r.padded_positions for r in window) / max(1, sum(r.total_positions for r in window)),
             "train/tokens_seen": self.state.tokens_seen,
             "train/epoch": self.stream.epoch,
-            "train/skipped_steps": self.state.skipped_steps,
-            "sys/memory_gb": _memory_gb(self.device),
+            "sys/memory_gb": memory_gb(self.device),
             "time/elapsed_s": time.time() - self._start_time,
+            "time/eta_s": self.throughput.eta_s(self.state.step),
         }
-        if self.flops_per_token and self.peak_flops:
-            metrics["train/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
-        else:
-            metrics["train/mfu"] = "n/a"
+        if self.precision == "fp16" or self.state.skipped_steps:
+            metrics["train/skipped_steps"] = self.state.skipped_steps
         if self.precision == "fp16":
             metrics["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
-        if self.total_steps:
-            done = self.state.step - self._start_step
-            rate = (time.time() - self._start_time) / max(done, 1)
-            metrics["time/eta_s"] = rate * max(self.total_steps - self.state.step, 0)
         self.logger.log(self.state.step, metrics)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float:
         engine = self.engine
+        self._last_eval_step = self.state.step
         engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
@@ -285,15 +286,9 @@ class Trainer:
         else:
             state.bad_evals += 1
         state.data = self.stream.state_dict()
-        metrics = {
-            "val/loss": val_loss,
-            "val/ppl": math.exp(min(val_loss, 50.0)),
-            "val/best_loss": state.best_val_loss,
-            "val/bad_evals": state.bad_evals,
-            "val/patience": self.cfg.patience,
-        }
-        if self.text_bytes_per_token:
-            metrics["val/bpb"] = val_loss / math.log(2) / self.text_bytes_per_token
+        metrics = validation_metrics(val_loss, int(sums[1].item()), self.val_text_bytes or 0, state.best_val_loss,
+                                     state.bad_evals, self.cfg.patience) if self.val_text_bytes else {
+            "val/loss": val_loss, "val/best_loss": state.best_val_loss, "val/bad_evals": state.bad_evals}
         self.logger.log(state.step, metrics)
         if improved:
             ckpt.save_best(engine, self.ckpt_dir, asdict(state), self.run_meta)
@@ -328,12 +323,3 @@ def _grad_norm(engine) -> float:
         return float("nan")
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:
-        return float("nan")

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
-    python tools/bench.py SECTION [options]      # sections: see --help
-    python tools/bench.py all --out bench.json
+    python tools/bench.py SECTION [options]      # sections: data, generate, mfu, train
+    python tools/bench.py SECTION --help
 
 Each section lives in tools/benchmarks/SECTION.py and exposes `add_arguments(parser)` and
-`run(args) -> dict`; the figures are printed and, with --out, written as JSON.
+`run(args) -> dict`; the figures are printed and, with --out, written as JSON. Only the section
+asked for is imported, so a machine lacking one section's packages can still run the others.
 """
 
 import argparse
@@ -21,16 +22,17 @@ SECTIONS = sorted(p.stem for p in (ROOT / "tools" / "benchmarks").glob("*.py") i
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="section", required=True)
-    for name in SECTIONS:
-        module = importlib.import_module(f"tools.benchmarks.{name}")
-        section = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(section)
-        section.add_argument("--out", help="write the figures to this JSON file")
-        section.set_defaults(module=module)
-    args = parser.parse_args()
-    figures = args.module.run(args)
+    if len(sys.argv) < 2 or sys.argv[1] not in SECTIONS:
+        print(__doc__.strip(), file=sys.stderr)
+        print(f"\nsections: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
+    name = sys.argv[1]
+    module = importlib.import_module(f"tools.benchmarks.{name}")
+    parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    parser.add_argument("--out", help="write the figures to this JSON file")
+    args = parser.parse_args(sys.argv[2:])
+    figures = module.run(args)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.out:
