@@ -159,6 +159,8 @@ class TrainConfig:
     """Start training with samples capped at this many tokens (None: no schedule, full length)."""
     seq_len_ramp_steps: int = 0
     """Grow the cap linearly from seq_len_start to max_seq_len over this many steps."""
+    memory_cap_gb: float | None = None
+    """Cap this process's CUDA memory (e.g. 8 to prove a config fits an 8 GB card on a bigger one)."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     log_interval: int = 10

@@ -81,8 +81,9 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: 
     merged["optimizer"] = {
         "type": "AdamW",
         "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8, "weight_decay": cfg.weight_decay,
-                   # DeepSpeed's fused Adam needs CUDA; on CPU ranks use torch's AdamW.
-                   "torch_adam": not torch.cuda.is_available(), "adam_w_mode": True},
+                   # torch's AdamW (fused kernel on CUDA): DeepSpeed's FusedAdam would be JIT-compiled with
+                   # nvcc at the first launch (minutes, and a CUDA toolkit on every node) for no speed gain.
+                   "torch_adam": True, "fused": torch.cuda.is_available()},
     }
     merged["scheduler"] = {
         "type": "WarmupCosineLR",

@@ -135,6 +135,9 @@ def train(argv: list[str] | None = None) -> int:
 
     device = torch.device(plan.device)
     init_distributed(dist)
+    if cfg.memory_cap_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb * 2**30 / total), device)
     schedule = (SeqLenSchedule(start=cfg.seq_len_start, end=plan.model.max_seq_len, ramp_steps=cfg.seq_len_ramp_steps)
                 if cfg.seq_len_start else None)
     stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size, micro_batch_size=plan.batch.micro_batch_size,

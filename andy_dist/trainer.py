@@ -259,6 +259,8 @@ class Trainer:
             "time/elapsed_s": time.time() - self._start_time,
             "time/eta_s": self.throughput.eta_s(self.state.step),
         }
+        if self.device.type == "cuda":
+            metrics["sys/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.precision == "fp16" or self.state.skipped_steps:
             metrics["train/skipped_steps"] = self.state.skipped_steps
         if self.precision == "fp16":
