@@ -160,7 +160,9 @@ def peak_flops(device, dtype) -> Optional[float]:
         name = torch.cuda.get_device_name(device)
         return gpu_peak_flops(name, dtype, tf32=torch.backends.cuda.matmul.allow_tf32)
     if device.type == "cpu":
-        return measure_cpu_peak(dtype)
+        # A CPU may multiply faster in fp32 than in bf16 at this size (or the other way round at the
+        # sizes training uses): the peak is the best rate measured, so MFU can never pass 100%.
+        return max(measure_cpu_peak(dtype, size=1024), measure_cpu_peak(torch.float32, size=1024))
     return None
 
 

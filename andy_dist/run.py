@@ -119,7 +119,7 @@ def train(argv: list[str] | None = None) -> int:
 
     from andy_dist.data import TrainStream, ValStream, SeqLenSchedule, open_shards
     from andy_dist.engine import build_engine, init_distributed, resolve_ds_config
-    from andy_dist.flops import flops_per_token, peak_flops
+    from andy_dist.flops import MfuMeter
     from andy_dist.metrics import MetricsLogger
     from andy_dist.model import AndyLM
     from andy_dist.trainer import Trainer, TrainingStopped, TrainState
@@ -194,6 +194,7 @@ def train(argv: list[str] | None = None) -> int:
                            resume_id=state.wandb_run_id, total_steps=total_steps)
     state.wandb_run_id = logger.wandb_run_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
+    mfu_meter = MfuMeter(plan.model, plan.model.max_seq_len, device, dtype)
     trainer = Trainer(
         engine, stream, lambda: ValStream(shards, dist.rank, dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
                                           max_seq_len=plan.model.max_seq_len),
@@ -201,10 +202,10 @@ def train(argv: list[str] | None = None) -> int:
         sampler=(_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []))
         if cfg.sample_prompts else None,
         total_steps=total_steps, val_text_bytes=shards.text_bytes("val"),
-        flops_per_token=flops_per_token(plan.model, plan.model.max_seq_len),
-        peak_flops=peak_flops(device, dtype))
+        mfu_meter=mfu_meter)
     if dist.is_main:
         print(plan.describe(), flush=True)
+        print(f"mfu             {mfu_meter.describe()}", flush=True)
         print(f"data            {shards.num_samples('train')} train samples, {stream.steps_per_epoch} steps per epoch; "
               f"{total_steps} steps planned", flush=True)
     try:

@@ -141,8 +141,7 @@ class Trainer:
                  dist: DistEnv, device: torch.device, logger, ckpt_dir: Path, run_meta: dict,
                  precision: str, zero_stage: int, state: TrainState | None = None,
                  sampler: Callable[[dict | None, int], list[dict]] | None = None,
-                 total_steps: int | None = None, val_text_bytes: int | None = None,
-                 flops_per_token: float | None = None, peak_flops: float | None = None):
+                 total_steps: int | None = None, val_text_bytes: int | None = None, mfu_meter=None):
         self.engine = engine
         self.stream = stream
         self.val_stream_factory = val_stream_factory
@@ -160,8 +159,7 @@ class Trainer:
         self.total_steps = total_steps
         self.val_text_bytes = val_text_bytes
         self.throughput = Throughput(total_steps=total_steps)
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
+        self.mfu_meter = mfu_meter
         self._preempted = False
         self._nan_steps = fault_steps("ANDY_FAULT_NAN_STEPS")
         self._window: list[StepResult] = []
@@ -247,9 +245,7 @@ class Trainer:
             "train/grad_norm": _grad_norm(self.engine),
             "train/tokens_per_s": tokens_per_s,
             "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
-            # MFU = achieved FLOP/s / peak FLOP/s of all devices; see andy_dist/flops.py for the formula
-            "train/mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
-                          if self.flops_per_token and self.peak_flops else "n/a"),
+            "train/mfu": (self.mfu_meter(tokens_per_s / self.dist.world_size) if self.mfu_meter else None) or "n/a",
             "train/global_batch_seqs": self.run_meta["global_batch_size"],
             "train/global_batch_tokens": window[-1].input_tokens,
             "train/padding_fraction": sum(r.padded_positions for r in window) / max(1, sum(r.total_positions for r in window)),

@@ -17,7 +17,7 @@ SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
 
 stamp "1. GPU tests"
-timeout ${PYTEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/unit/test_flops.py \
+timeout -k 10 ${PYTEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/unit/test_flops.py \
     2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -n 15
 
 stamp "2. medium bf16 through the engine"
@@ -25,14 +25,14 @@ $PY tools/default_corpus.py --out "$WORK/corpus.jsonl" --max-mb 3 >/dev/null
 $PY tools/train_tokenizer.py --input "$WORK/corpus.jsonl" --vocab-size 8000 --out "$WORK/tok" 2>/dev/null
 $PY tools/make_shards.py --input "$WORK/corpus.jsonl" --tokenizer "$WORK/tok/tokenizer.model" --out "$WORK/shards" \
     --val-fraction 0.02 --max-seq-len 512 --workers 4 2>/dev/null | tail -n 3
-timeout ${TRAIN_TIMEOUT:-150} $PY launch/train.py --ds_config ds_configs/medium.json --data "$WORK/shards" \
+timeout -k 30 ${TRAIN_TIMEOUT:-150} $PY launch/train.py --ds_config ${DS:-ds_configs/medium.json} --data "$WORK/shards" \
     --tokenizer "$WORK/tok/tokenizer.model" --out "$WORK/medium" --max-steps ${MEDIUM_STEPS:-40} \
-    micro_batch_size=16 global_batch_size=16 log_interval=10 save_interval=100000 warmup_steps=10 \
+    micro_batch_size=${MICRO:-16} global_batch_size=${GLOBAL:-16} log_interval=10 save_interval=100000 warmup_steps=10 \
     'sample_prompts=["def "]' sample_max_new_tokens=16 2>&1 | grep -E "^(step|launcher|precision|global|done)" | tee "$OUTDIR/medium_bf16.log"
 cp "$WORK/medium/metrics.jsonl" "$OUTDIR/medium_bf16_metrics.jsonl" 2>/dev/null
 
 stamp "3. generation speed"
-timeout ${GEN_TIMEOUT:-150} $PY tools/bench.py generate --device ${DEVICE:-cuda} --skip-quality \
+timeout -k 10 ${GEN_TIMEOUT:-150} $PY tools/bench.py generate --device ${DEVICE:-cuda} --skip-quality \
     --batch-sizes ${GEN_BATCHES:-1,8,64} --new-tokens ${GEN_TOKENS:-128} --out "$OUTDIR/generate_gpu.json" 2>&1 | tail -n 12
 timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$OUTDIR/decode_profile.txt" | tail -n 25
 import torch, time
