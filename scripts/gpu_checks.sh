@@ -25,11 +25,14 @@ $PY tools/default_corpus.py --out "$WORK/corpus.jsonl" --max-mb 3 >/dev/null
 $PY tools/train_tokenizer.py --input "$WORK/corpus.jsonl" --vocab-size 8000 --out "$WORK/tok" 2>/dev/null
 $PY tools/make_shards.py --input "$WORK/corpus.jsonl" --tokenizer "$WORK/tok/tokenizer.model" --out "$WORK/shards" \
     --val-fraction 0.02 --max-seq-len 512 --workers 4 2>/dev/null | tail -n 3
-timeout -k 30 ${TRAIN_TIMEOUT:-150} $PY launch/train.py --ds_config ${DS:-ds_configs/medium.json} --data "$WORK/shards" \
-    --tokenizer "$WORK/tok/tokenizer.model" --out "$WORK/medium" --max-steps ${MEDIUM_STEPS:-40} \
-    micro_batch_size=${MICRO:-16} global_batch_size=${GLOBAL:-16} log_interval=10 save_interval=100000 warmup_steps=10 \
-    'sample_prompts=["def "]' sample_max_new_tokens=16 2>&1 | grep -E "^(step|launcher|precision|global|done)" | tee "$OUTDIR/medium_bf16.log"
-cp "$WORK/medium/metrics.jsonl" "$OUTDIR/medium_bf16_metrics.jsonl" 2>/dev/null
+for stage in ${STAGES:-2 0}; do   # the shipped ZeRO-2 and plain data parallel, to see what ZeRO costs on one GPU
+    timeout -k 30 ${TRAIN_TIMEOUT:-150} $PY launch/train.py --ds_config ${DS:-ds_configs/medium.json} --data "$WORK/shards" \
+        --tokenizer "$WORK/tok/tokenizer.model" --out "$WORK/medium$stage" --max-steps ${MEDIUM_STEPS:-40} \
+        micro_batch_size=${MICRO:-16} global_batch_size=${GLOBAL:-16} log_interval=10 save_interval=100000 \
+        warmup_steps=10 zero_stage=$stage num_workers=2 'sample_prompts=["def "]' sample_max_new_tokens=16 2>&1 \
+        | grep -E "^(step|launcher|precision|global|mfu|done)" | tee "$OUTDIR/medium_bf16_zero$stage.log"
+    cp "$WORK/medium$stage/metrics.jsonl" "$OUTDIR/medium_bf16_zero${stage}_metrics.jsonl" 2>/dev/null
+done
 
 stamp "3. generation speed"
 timeout -k 10 ${GEN_TIMEOUT:-150} $PY tools/bench.py generate --device ${DEVICE:-cuda} --skip-quality \
