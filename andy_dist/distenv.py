@@ -101,3 +101,17 @@ def export(dist: DistEnv) -> None:
         "RANK": str(dist.rank), "WORLD_SIZE": str(dist.world_size), "LOCAL_RANK": str(dist.local_rank),
         "MASTER_ADDR": dist.master_addr, "MASTER_PORT": str(port),
     })
+
+
+def accelerator(env: Mapping[str, str] | None = None) -> str:
+    """"cuda" or "cpu": CUDA when present, unless DS_ACCELERATOR=cpu asks DeepSpeed for the CPU.
+
+    DeepSpeed and the run must agree: a CPU accelerator with a NCCL process group fails at the
+    first broadcast ("No backend type associated with device type cpu").
+    """
+    import torch
+
+    env = os.environ if env is None else env
+    if env.get("DS_ACCELERATOR", "").lower() == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"

@@ -17,7 +17,7 @@ import torch
 
 from andy_dist import UserError
 from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
-from andy_dist.distenv import DistEnv, export
+from andy_dist.distenv import DistEnv, accelerator, export
 
 # Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
 # silently overridden, so it is refused instead.
@@ -83,7 +83,7 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: 
         "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8, "weight_decay": cfg.weight_decay,
                    # torch's AdamW (fused kernel on CUDA): DeepSpeed's FusedAdam would be JIT-compiled with
                    # nvcc at the first launch (minutes, and a CUDA toolkit on every node) for no speed gain.
-                   "torch_adam": True, "fused": torch.cuda.is_available()},
+                   "torch_adam": True, "fused": accelerator() == "cuda"},
     }
     merged["scheduler"] = {
         "type": "WarmupCosineLR",
@@ -108,7 +108,7 @@ def init_distributed(dist: DistEnv, timeout_s: int = 600) -> torch.device:
     import deepspeed
 
     export(dist)
-    if torch.cuda.is_available():
+    if accelerator() == "cuda":
         torch.cuda.set_device(dist.local_rank)
         device, backend = torch.device("cuda", dist.local_rank), "nccl"
     else:

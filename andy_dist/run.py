@@ -19,7 +19,7 @@ from andy_dist import UserError
 from andy_dist import checkpoint as ckpt
 from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
                               resolve_batch)
-from andy_dist.distenv import DistEnv, detect
+from andy_dist.distenv import DistEnv, accelerator, detect
 from andy_dist.engine import ds_precision, load_ds_config, model_size
 
 
@@ -93,8 +93,8 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     if checkpointing is None:
         checkpointing = bool(andy.get("activation_checkpointing", False))
     model = model_config(size, **{**cfg.model, "activation_checkpointing": checkpointing})
-    device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
-    if precision == "fp16" and not torch.cuda.is_available():
+    device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
+    if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
     return RunPlan(dist, cfg, size, model, batch, precision, zero_stage, ds, device, micro)
 
