@@ -194,7 +194,9 @@ def train(argv: list[str] | None = None) -> int:
                            resume_id=state.wandb_run_id, total_steps=total_steps)
     state.wandb_run_id = logger.wandb_run_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
-    mfu_meter = MfuMeter(plan.model, plan.model.max_seq_len, device, dtype)
+    # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
+    longest = int(shards.lengths("train").max()) if shards.num_samples("train") else plan.model.max_seq_len
+    mfu_meter = MfuMeter(plan.model, min(longest, plan.model.max_seq_len), device, dtype)
     trainer = Trainer(
         engine, stream, lambda: ValStream(shards, dist.rank, dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
                                           max_seq_len=plan.model.max_seq_len),
