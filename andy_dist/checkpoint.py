@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,19 +99,78 @@ def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict
         if tag_dir.exists():
             shutil.rmtree(tag_dir)  # a leftover of a crashed save (or an older run) must not mix in
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    failure = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write (disk full) as RuntimeError
+        if not _is_write_failure(err):
+            raise
+        failure = err
+        # DeepSpeed's writes sit between its collectives; the one this rank skipped is the barrier that
+        # ends save_checkpoint, where the other ranks now wait. Meet them there, then all agree below.
+        _barrier()
+    _agree_saved(failure, ckpt_dir, tag)  # every rank's files are on disk before the checkpoint is declared complete
     if _rank() == 0:
-        full_meta = {**meta, "format": FORMAT_VERSION, "tag": tag, "saved_at": time.time(),
-                     "trainer_state": trainer_state, "files": _tag_files(tag_dir)}
-        _write_atomic(tag_dir / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True))
-        if update_latest:
-            _write_atomic(ckpt_dir / LATEST_FILE, tag + "\n")
-        if keep_last:
-            rotate(ckpt_dir, keep_last)
+        try:
+            _fault_in_save(tag)
+            full_meta = {**meta, "format": FORMAT_VERSION, "tag": tag, "saved_at": time.time(),
+                         "trainer_state": trainer_state, "files": _tag_files(tag_dir)}
+            _write_atomic(tag_dir / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True))
+            if update_latest:
+                _write_atomic(ckpt_dir / LATEST_FILE, tag + "\n")
+        except OSError as err:
+            failure = err
+    _agree_saved(failure, ckpt_dir, tag)
+    if _rank() == 0 and keep_last:
+        rotate(ckpt_dir, keep_last)
     _barrier()
     return tag_dir
+
+
+def _is_write_failure(err: Exception) -> bool:
+    return isinstance(err, OSError) or "write" in str(err).lower()
+
+
+def _agree_saved(failure: Exception | None, ckpt_dir: Path, tag: str) -> None:
+    """A barrier that also tells every rank whether any rank failed to write its part of the checkpoint.
+
+    A full disk (or a quota, or a file size limit) fails on some ranks only; if those ranks simply raised,
+    the others would wait in the next collective until the process-group timeout. Instead all ranks
+    learn of it here and stop with the same one-line error; rank 0 removes the partial tag (freeing the
+    space it took) and `latest` keeps naming the previous complete checkpoint.
+    """
+    mine = None if failure is None else f"rank {_rank()}: {_describe(failure)}"
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        reports: list = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(reports, mine)
+    else:
+        reports = [mine]
+    failed = [report for report in reports if report]
+    if not failed:
+        return
+    ckpt_dir = Path(ckpt_dir)
+    if _rank() == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    previous = read_latest(ckpt_dir)
+    raise UserError(f"could not write checkpoint {ckpt_dir / tag} ({failed[0]}); "
+                    + (f"the previous checkpoint {previous} is intact: free space, then --resume" if previous
+                       else "no earlier checkpoint exists; free space and start again"))
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
+def _fault_in_save(tag: str) -> None:
+    """Fault injection for the reliability tests: ANDY_FAULT_KILL_IN_SAVE=TAG makes rank 0 die by SIGKILL
+    after every rank wrote DeepSpeed's files of TAG and before the meta marks it complete, the moment a
+    crash is hardest to tell from a finished save. A save takes milliseconds here, too short to hit
+    reliably with a signal from outside."""
+    if os.environ.get("ANDY_FAULT_KILL_IN_SAVE") == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_best(engine, ckpt_dir: str | Path, trainer_state: dict, meta: dict) -> Path:
