@@ -285,8 +285,13 @@ def load_train_config(yaml_path: str | None = None, overrides: list[str] = (), *
                 loaded = yaml.safe_load(handle) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {yaml_path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {yaml_path} is a directory; pass a .yaml file") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {yaml_path} is not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
+            first = " ".join(str(err).split())  # YAML errors span lines; the tool prints one
+            raise ConfigError(f"config file {yaml_path} is not valid YAML: {first}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of keys to values")
         values.update(loaded)

@@ -57,7 +57,14 @@ def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str
         latest = ckpt / "latest"
         if not latest.is_file():
             raise UserError(f"{ckpt} has no 'latest' file; pass --tag with one of {available_tags(ckpt)}")
-        tag = latest.read_text().strip()
+        try:
+            tag = latest.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"{latest} does not hold a tag name (damaged); pass --tag with one of "
+                            f"{available_tags(ckpt)}") from None
+        if not tag or "/" in tag or "\n" in tag or len(tag) > 200:
+            raise UserError(f"{latest} does not hold a tag name ({tag[:40]!r}); pass --tag with one of "
+                            f"{available_tags(ckpt)}")
     if not (ckpt / tag).is_dir():
         raise UserError(f"checkpoint tag {tag!r} is not in {ckpt}; available tags: {available_tags(ckpt)}")
     return ckpt, tag
@@ -73,9 +80,11 @@ def read_meta(tag_dir: Path) -> dict:
         raise UserError(f"{tag_dir} has no {META_FILE}: it was not written by andy_dist's trainer "
                         f"(or the save did not finish); choose another --tag")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise UserError(f"{path} has no model_config; the checkpoint is damaged or not andy_dist's")
     if meta.get("format") != META_FORMAT:
         raise UserError(f"{path} has format {meta.get('format')!r}; this andy_dist reads format {META_FORMAT}")
     return meta

@@ -30,8 +30,8 @@ def load_ds_config(path: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ConfigError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
     try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        ds = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"--ds_config {path} is not valid JSON: {err}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"--ds_config {path} must hold a JSON object")

@@ -94,6 +94,8 @@ def save_model_file(
 def read_header(path: str | Path) -> tuple[dict, dict]:
     """(tensor index, metadata) of a model file, checking it is complete, ours, and not from the future."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model file {path} is a directory; pass the .andy file written by tools/export.py")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; make one with tools/export.py")
     size = path.stat().st_size

@@ -79,7 +79,11 @@ def _number(value) -> Optional[float]:
 def _read_jsonl(path: Path, warnings: list[str]) -> list[dict]:
     """Objects of a JSONL file. A broken last line (a run killed mid-write) is skipped with a
     warning; a broken line elsewhere means the file is not ours, and is an error."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); is this a file written by MetricsLogger?") \
+            from None
     out = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -114,9 +118,9 @@ def load_run(path, label: Optional[str] = None) -> Run:
     for name in ("config.json", "wandb.json"):
         if (path / name).is_file():
             try:
-                data = json.loads((path / name).read_text())
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path / name}: not JSON ({err})")
+                data = json.loads((path / name).read_bytes().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path / name}: not JSON ({err})") from None
             if name == "config.json":
                 config = data
             else:

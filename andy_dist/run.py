@@ -17,6 +17,7 @@ import torch
 
 from andy_dist import UserError
 from andy_dist import checkpoint as ckpt
+from andy_dist.cli import check_output_path
 from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
                               resolve_batch)
 from andy_dist.distenv import DistEnv, accelerator, detect
@@ -116,6 +117,7 @@ def train(argv: list[str] | None = None) -> int:
         return 0
     if not args.data:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
+    check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
 
     from andy_dist.data import TrainStream, ValStream, SeqLenSchedule, open_shards
     from andy_dist.engine import build_engine, init_distributed, resolve_ds_config

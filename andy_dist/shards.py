@@ -54,6 +54,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from andy_dist import BOS_ID, EOS_ID, UserError
+from andy_dist.cli import check_output_path
 from andy_dist.corpus import Document, iter_documents, resolve_inputs, total_bytes
 from andy_dist.tokenizer import Tokenizer
 
@@ -364,14 +365,20 @@ class SplitWriter:
 # The whole job
 
 
-def _replace_directory(partial: Path, final: Path) -> None:
-    """Move `partial` to `final`, replacing an earlier shard set there."""
+def _check_replaceable(final: Path) -> None:
+    """`final` may be written: absent, empty, or an earlier shard set (never someone else's folder)."""
     if final.exists():
         if not final.is_dir():
             raise UserError(f"--out {final} exists and is not a directory; choose another --out")
         if any(final.iterdir()) and not (final / MANIFEST).exists():
             raise UserError(f"--out {final} is a non-empty directory that is not a shard set; "
                             f"choose another --out or empty it")
+
+
+def _replace_directory(partial: Path, final: Path) -> None:
+    """Move `partial` to `final`, replacing an earlier shard set there."""
+    if final.exists():
+        _check_replaceable(final)
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.replace(final, old)
         os.replace(partial, final)
@@ -402,13 +409,15 @@ def write_shards(
         raise UserError(f"--max-seq-len must be at least 2 (BOS and one token), got {max_seq_len}")
     if shard_size_mb <= 0:
         raise UserError(f"--shard-size-mb must be positive, got {shard_size_mb}")
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = os.cpu_count() or 1
     if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers} (leave it out to use every core)")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
     split_rule = SplitRule(val_fraction)
     files = resolve_inputs([str(p) for p in inputs])
-    out = Path(out)
+    out = check_output_path(out, "--out", directory=True)
+    _check_replaceable(out)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # left by an interrupted run of this tool

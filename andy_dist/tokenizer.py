@@ -15,6 +15,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
+from andy_dist.cli import atomic_path, check_output_path
 from andy_dist.corpus import Document
 
 SPECIAL_PIECES = {"pad": "[PAD]", "unk": "[UNK]", "bos": "[BOS]", "eos": "[EOS]"}
@@ -59,12 +60,19 @@ def train_tokenizer(
     """
     if vocab_size <= 4 + 256:
         raise UserError(f"--vocab-size {vocab_size} is too small: it needs the 4 special ids and 256 byte pieces")
-    counter = {"sentences": 0}
+    if sample_sentences < 1:
+        raise UserError(f"--sample-sentences must be at least 1, got {sample_sentences}")
+    out_dir = check_output_path(out_dir, "--out", directory=True)
+    counter: dict = {"sentences": 0, "error": None}
 
     def counted(sentences: Iterator[str]) -> Iterator[str]:
-        for sentence in sentences:
-            counter["sentences"] += 1
-            yield sentence
+        try:
+            for sentence in sentences:
+                counter["sentences"] += 1
+                yield sentence
+        except UserError as err:  # SentencePiece would turn it into a RuntimeError with its own text
+            counter["error"] = err
+            raise
 
     progress = tqdm(documents, desc="tokenizer: reading", unit="doc", mininterval=1.0)
     buffer = io.BytesIO()
@@ -92,6 +100,8 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as err:
+        if counter["error"] is not None:
+            raise counter["error"] from None
         message = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         if counter["sentences"] == 0:
             raise UserError("the input holds no text to train a tokenizer on (all documents are empty)") from None
@@ -103,14 +113,17 @@ def train_tokenizer(
         progress.close()
     if counter["sentences"] == 0:
         raise UserError("the input holds no text to train a tokenizer on (all documents are empty)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if counter["error"] is not None:
+        raise counter["error"]
     tokenizer = Tokenizer(buffer.getvalue())
     model_path = out_dir / "tokenizer.model"
-    model_path.write_bytes(tokenizer.model_bytes)
-    with open(out_dir / "tokenizer.vocab", "w", encoding="utf-8") as vocab:
-        for i in range(tokenizer.vocab_size):
-            vocab.write(f"{tokenizer.sp.id_to_piece(i)!r}\t{tokenizer.sp.get_score(i)}\n")
+    # Each file is complete or absent; an earlier tokenizer there is replaced only by a finished one.
+    with atomic_path(out_dir / "tokenizer.vocab") as tmp:
+        with open(tmp, "w", encoding="utf-8") as vocab:
+            for i in range(tokenizer.vocab_size):
+                vocab.write(f"{tokenizer.sp.id_to_piece(i)!r}\t{tokenizer.sp.get_score(i)}\n")
+    with atomic_path(model_path) as tmp:
+        tmp.write_bytes(tokenizer.model_bytes)
     return model_path
 
 

@@ -64,9 +64,12 @@ def main() -> int:
     args = parser.parse_args()
 
     from andy_dist import BOS_ID, EOS_ID, UserError
+    from andy_dist.cli import read_text_file, resolve_device
     from andy_dist.modelfile import load_model_file
 
-    model, tokenizer, info = load_model_file(args.model, device=args.device)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model, tokenizer, info = load_model_file(args.model, device=resolve_device(args.device))
     if args.data:
         from andy_dist.data import ValStream, open_shards
 
@@ -76,10 +79,9 @@ def main() -> int:
         batches = ((mb.input_ids, mb.targets, mb.attention_mask) for mb in stream)
         figures = evaluate_batches(model, batches, stream.text_bytes)
     else:
-        path = Path(args.text)
-        if not path.is_file():
-            raise UserError(f"--text {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(args.text, "--text")
+        if not text.strip():
+            raise UserError(f"--text {args.text} holds no text to evaluate on")
         ids = [BOS_ID] + tokenizer.encode(text) + [EOS_ID]
         figures = evaluate_batches(model, text_batches(ids, model.cfg.max_seq_len, args.batch_size),
                                    len(text.encode("utf-8")))

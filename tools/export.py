@@ -31,12 +31,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from andy_dist import UserError
+    from andy_dist.cli import check_output_path
     from andy_dist.config import ModelConfig
     from andy_dist.consolidate import load_checkpoint_weights, resolve_checkpoint
     from andy_dist.modelfile import save_model_file
     from andy_dist.tokenizer import Tokenizer
 
     dtype = args.dtype or "int8"
+    check_output_path(args.output, "-o")  # before the minutes of reading a large checkpoint
     ckpt, _ = resolve_checkpoint(args.checkpoints, args.tag)
     state, meta = load_checkpoint_weights(args.checkpoints, args.tag)
     tokenizer = Tokenizer.from_file(args.tokenizer or ckpt / "tokenizer.model")

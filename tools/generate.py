@@ -38,24 +38,34 @@ def main() -> int:
     args = parser.parse_args()
 
     from andy_dist import UserError
+    from andy_dist.cli import read_text_file, resolve_device
     from andy_dist.generate import generate_text
     from andy_dist.modelfile import load_model_file
     from andy_dist.sampling import SamplingConfig
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UserError(f"--prompts-file {path} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = read_text_file(args.prompts_file, "--prompts-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file} holds no prompt (one per non-empty line)")
     if not prompts:
         raise UserError("give at least one --prompt or a --prompts-file")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                               penalize_prompt=not args.no_penalize_prompt)
-    model, tokenizer, _ = load_model_file(args.model, device=args.device)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_model_file(args.model, device=device)
+    limit = model.cfg.max_seq_len - 1  # a one-token prompt (BOS) leaves this many positions
+    if args.max_new_tokens > limit:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} is more than {args.model} can generate: "
+                        f"its context is {model.cfg.max_seq_len} tokens, so at most {limit} (prompt included)")
     models = [model]
     for other in args.ensemble:
-        member, member_tok, _ = load_model_file(other, device=args.device)
+        member, member_tok, _ = load_model_file(other, device=device)
         if member_tok.sha256 != tokenizer.sha256:
             raise UserError(f"--ensemble {other} uses another tokenizer than {args.model}; members must share one")
         models.append(member)

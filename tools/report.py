@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--wandb-report", action="store_true", help="also create a W&B report (needs a login)")
     args = parser.parse_args()
 
+    from andy_dist.cli import check_output_path
+
+    check_output_path(args.output, "-o")
     runs = report.load_runs(args.runs)
     pngs = report.render(runs, args.output, title=args.title)
     print(f"wrote {args.output} ({len(pngs)} plots, also in {Path(args.output).stem}_files/)")
