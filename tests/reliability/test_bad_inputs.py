@@ -1113,3 +1113,105 @@ def report_failure_keeps_previous(w, tmp):
 def test_bad_input_gives_one_line_error(world, tmp_path, name):
     tool, args, needles, absent, untouched = CASES[name](world, tmp_path)
     assert_user_error(run_here(tool, *args), *needles, absent=absent, untouched=untouched)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end in a real process: exit status 2, one "error:" line, no traceback
+
+
+PROCESS_CASES = {
+    "train_tokenizer": "tok_garbage_txt",
+    "make_shards": "shards_val_fraction_above_one",
+    "train": "train_tokenizer_mismatch",
+    "export": "export_truncated_optim_states",
+    "generate": "gen_truncated_model",
+    "evaluate": "eval_data_of_another_tokenizer",
+    "report": "report_no_metrics",
+}
+
+
+@pytest.mark.parametrize("tool", list(PROCESS_CASES))
+def test_bad_input_in_a_real_process(world, tmp_path, tool):
+    name = PROCESS_CASES[tool]
+    got_tool, args, needles, absent, untouched = CASES[name](world, tmp_path)
+    assert got_tool == tool
+    result = run_process(tool, *args)
+    assert_user_error(result, *needles, absent=absent, untouched=untouched)
+    assert len([line for line in result.err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_resume_of_another_model_stops_before_training(world, tmp_path):
+    """Caught after the process group starts (it needs the checkpoint): still one line, exit 2."""
+    run = Path(shutil.copytree(world.run, tmp_path / "run"))
+    before = _snapshot(run / "checkpoints")
+    args = world.train_args(run, "--max-steps", 4, "--resume")
+    args[args.index("model.d_model=32")] = "model.d_model=64"
+    result = train("python", args, nproc=1, check=False, timeout=300)
+    assert_user_error(Result(result.returncode, result.stdout, result.stderr), "was saved for model", "d_model",
+                      untouched={run / "checkpoints": before})
+
+
+# ---------------------------------------------------------------------------------------------
+# An existing output: replaced atomically by a finished one; a crash leaves it as it was
+
+
+def test_outputs_are_replaced_by_finished_ones(world, tmp_path):
+    from andy_dist.modelfile import load_model_file
+    from andy_dist.shardset import open_shards
+    from andy_dist.tokenizer import Tokenizer
+
+    model = write(tmp_path / "model.andy", b"an older export")
+    assert run_here("export", "--fp32", world.ckpt, "-o", model).code == 0
+    assert load_model_file(model)[2]["quantization"]["scheme"] == "none"
+
+    tok_dir = Path(shutil.copytree(world.tok.parent, tmp_path / "tok"))
+    corpus = write(tmp_path / "small.txt", "".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(300)))
+    assert run_here("train_tokenizer", "--input", corpus, "--vocab-size", 300, "--out", tok_dir).code == 0
+    assert Tokenizer.from_file(tok_dir).vocab_size == 300
+
+    shards = copy_shards(world.shards2, tmp_path / "set")
+    result = run_here("make_shards", "--input", world.corpus, "--tokenizer", world.tok, "--out", shards,
+                      "--workers", 1, "--max-seq-len", 64, "--val-fraction", 0.05)
+    assert result.code == 0, result.err
+    assert open_shards(shards, tokenizer=world.tok, verify="size").vocab_size == 2000
+
+    report = write(tmp_path / "report.html", "<p>old</p>")
+    assert run_here("report", world.run, "-o", report).code == 0
+    assert b"<p>old</p>" not in report.read_bytes()
+    assert leftovers(tmp_path) == []
+
+
+def test_crash_while_writing_leaves_the_previous_output(world, tmp_path, monkeypatch):
+    import andy_dist.modelfile
+    import andy_dist.shards
+    from andy_dist.consolidate import load_checkpoint_weights
+    from andy_dist.config import ModelConfig
+    from andy_dist.tokenizer import Tokenizer
+
+    def half_then_crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a model")
+        raise RuntimeError("simulated crash in the middle of the write")
+
+    model = write(tmp_path / "model.andy", b"the previous export")
+    state, meta = load_checkpoint_weights(world.ckpt)
+    monkeypatch.setattr(andy_dist.modelfile, "save_file", half_then_crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        andy_dist.modelfile.save_model_file(model, state, ModelConfig.from_dict(meta["model_config"]),
+                                            Tokenizer.from_file(world.tok))
+    assert model.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
+
+    calls = {"n": 0}
+    real_write_chunk = andy_dist.shards._write_chunk
+
+    def crash_on_second_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash while writing shards")
+        return real_write_chunk(*args, **kwargs)
+
+    shards = copy_shards(world.shards2, tmp_path / "set")
+    before = _snapshot(shards)
+    monkeypatch.setattr(andy_dist.shards, "_write_chunk", crash_on_second_chunk)
+    with pytest.raises(RuntimeError, match="simulated"):
+        andy_dist.shards.write_shards([world.corpus], world.tok, shards, workers=1, max_seq_len=64, progress=False)
+    assert _snapshot(shards) == before and leftovers(tmp_path) == []
