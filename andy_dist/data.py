@@ -9,7 +9,7 @@
 
 What WebDataset gives and what this package adds. From `webdataset` we take the shard format
 (plain tar, samples grouped by key), `TarWriter` to write it, `tar_file_iterator` and the npy decoder
-to read it, and a `SimpleShardList -> tarfile_to_samples -> decode` pipeline to check whole shards.
+to read it, and a `SimpleShardList -> tarfile_to_samples` pipeline to check whole shards.
 WebDataset's own node/worker splitting hands out whole shards and has no resumable position, so
 ranks can get unequal work, fewer shards than readers leaves readers idle, and a resume replays or
 skips data. Instead this module plans at the level of samples (`andy_dist.sampler`): every process

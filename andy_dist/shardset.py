@@ -5,8 +5,9 @@ problem into a `UserError` that names the file and the fix: a missing or malform
 missing, truncated or modified shard (size and sha256 against the manifest), a shard set made with
 another tokenizer or vocabulary, token ids outside the vocabulary, an empty split. With
 `verify="full"` it also reads every shard through a plain WebDataset pipeline
-(`SimpleShardList -> tarfile_to_samples -> decode`) and checks every block: its key, sample count,
-lengths against the lengths file, and its largest token id.
+(`SimpleShardList -> tarfile_to_samples`; only the two .npy members are decoded, never by pickle)
+and checks every block: its members, key, sample count, lengths against the lengths file, and its
+largest token id.
 
 `SampleReader` gives random access by sample id. The manifest records each block's sample count and
 the byte offset of its first tar header, so reading a sample costs one seek plus one block read:
@@ -305,15 +306,19 @@ def _check_blocks(shard_set: ShardSet, split: str) -> None:
     next_sample = 0
     block_number = 0
     for shard in shard_set.shards(split):
-        pipeline = wds.DataPipeline(wds.SimpleShardList([str(shard.path)]), wds.tarfile_to_samples(), wds.decode())
+        # No wds.decode(): its default handlers would unpickle a .pyd/.pkl member and torch.load a .pth
+        # one, running code from the shard. Only the two .npy members are decoded, without pickle.
+        pipeline = wds.DataPipeline(wds.SimpleShardList([str(shard.path)]), wds.tarfile_to_samples())
         found = 0
         try:
             for block in pipeline:
                 expected_key = block_key(block_number)
-                if block.get("__key__") != expected_key or "tokens.npy" not in block or "lengths.npy" not in block:
-                    raise UserError(f"shard {shard.path} holds member {block.get('__key__')!r} where block "
-                                    f"{expected_key} was expected; {_REMAKE}")
-                tokens, block_lengths = block["tokens.npy"], block["lengths.npy"].astype(np.int64)
+                members = sorted(k for k in block if not k.startswith("__"))
+                if block.get("__key__") != expected_key or members != ["lengths.npy", "tokens.npy"]:
+                    raise UserError(f"shard {shard.path} holds member(s) {block.get('__key__')!r} {members} where "
+                                    f"block {expected_key} (lengths.npy, tokens.npy) was expected; {_REMAKE}")
+                tokens = npy_loads(block["tokens.npy"])
+                block_lengths = npy_loads(block["lengths.npy"]).astype(np.int64)
                 n = len(block_lengths)
                 if (found >= len(shard.block_samples) or n != shard.block_samples[found]
                         or int(block_lengths.sum()) != tokens.size

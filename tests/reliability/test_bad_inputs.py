@@ -540,6 +540,35 @@ def train_shard_replaced_by_garbage(w, tmp):
     return _train_case(w, tmp, ["val-000000.tar", "corrupt"], data=data)
 
 
+def poison_shard(shards: Path, split: str, marker: Path) -> Path:
+    """Append a pickle member (`99999999.pyd`) to a shard and fix the manifest's size and sha256 to match."""
+    import hashlib
+    import pickle
+    import tarfile
+
+    shard = shards / f"{split}-000000.tar"
+    payload = pickle.dumps(_Payload(str(marker)))
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("99999999.pyd")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = manifest["splits"][split]["shards"][0]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    write(shards / "manifest.json", json.dumps(manifest))
+    return shard
+
+
+@case
+def train_shard_with_pickle_member(w, tmp):
+    """A shard carrying a pickled callable (a .pyd member) is refused and the callable never runs."""
+    marker = tmp / "pwned"
+    data = copy_shards(w.shards, tmp / "set")
+    poison_shard(data, "val", marker)
+    tool, args, out = _train(w, tmp, data=data)
+    return tool, args, ["val-000000.tar", "99999999"], [out, marker], {}
+
+
 @case
 def train_missing_lengths_file(w, tmp):
     data = copy_shards(w.shards, tmp / "set")
@@ -787,6 +816,8 @@ def export_pickle_payload_refused(w, tmp):
 
 
 class _Payload:
+    """Unpickling it creates the file `path`: proof that a loader ran code from a file."""
+
     def __init__(self, path: str):
         self.path = path
 
@@ -1179,6 +1210,14 @@ def test_outputs_are_replaced_by_finished_ones(world, tmp_path):
     assert run_here("report", world.run, "-o", report).code == 0
     assert b"<p>old</p>" not in report.read_bytes()
     assert leftovers(tmp_path) == []
+
+
+def test_payload_runs_when_unpickled(tmp_path):
+    """The check the pickle cases rely on: unpickling `_Payload` does run code."""
+    import pickle
+
+    pickle.loads(pickle.dumps(_Payload(str(tmp_path / "ran"))))
+    assert (tmp_path / "ran").exists()
 
 
 def test_crash_while_writing_leaves_the_previous_output(world, tmp_path, monkeypatch):
