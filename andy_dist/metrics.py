@@ -338,6 +338,9 @@ class MetricsLogger:
     def _start_wandb(self, config, project, entity, run_name, tags, resume_id) -> None:
         import wandb
 
+        # W&B validates WANDB_MODE from the environment even when mode= is passed: an empty or
+        # contradicting value (WANDB_MODE= exported by a shell profile) would stop the run.
+        os.environ["WANDB_MODE"] = self.wandb_mode
         # A fresh run lets W&B pick the id; a resumed one names it, and resume="allow" continues it.
         kwargs = dict(project=project, entity=entity, name=run_name or self.run_dir.name, tags=list(tags),
                       config=config, dir=str(self.run_dir), id=resume_id, resume="allow" if resume_id else None)
