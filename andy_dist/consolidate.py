@@ -111,6 +111,14 @@ def _load(path: Path) -> dict:
         raise UserError(f"cannot read {path} safely: {detail}") from None
 
 
+def verify_checkpoint_files(tag_dir: str | Path) -> None:
+    """Check that every *.pt file of a checkpoint tag loads with weights_only=True (and the DeepSpeed
+    allow-list). DeepSpeed's own loader (`engine.load_checkpoint`, `ds_to_universal`) unpickles with
+    weights_only=False, so `--resume` calls this first: a file carrying code is refused, never run."""
+    for path in sorted(Path(tag_dir).rglob("*.pt")):
+        _load(path)
+
+
 def _rank_of(path: Path) -> int:
     match = re.search(r"zero_pp_rank_(\d+)_", path.name)
     return int(match.group(1)) if match else 0

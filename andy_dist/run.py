@@ -119,6 +119,7 @@ def train(argv: list[str] | None = None) -> int:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
     check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
 
+    from andy_dist.consolidate import verify_checkpoint_files
     from andy_dist.data import TrainStream, ValStream, SeqLenSchedule, open_shards
     from andy_dist.engine import build_engine, init_distributed, resolve_ds_config
     from andy_dist.flops import MfuMeter
@@ -162,6 +163,8 @@ def train(argv: list[str] | None = None) -> int:
             raise ConfigError(f"checkpoint {resume_from.path} was trained with global batch "
                               f"{resume_from.meta.get('global_batch_size')}; this run resolves to "
                               f"{plan.batch.global_batch_size}: set global_batch_size={resume_from.meta.get('global_batch_size')}")
+    if resume_from is not None:  # DeepSpeed unpickles with weights_only=False: vet the files first
+        verify_checkpoint_files(resume_from.path)
     universal = resume_from is not None and ckpt.needs_universal(resume_from, dist.world_size)
     if universal:
         load_tag = ckpt.convert_to_universal(resume_from)

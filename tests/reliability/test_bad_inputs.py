@@ -1182,6 +1182,23 @@ def test_resume_of_another_model_stops_before_training(world, tmp_path):
                       untouched={run / "checkpoints": before})
 
 
+def test_resume_refuses_a_checkpoint_carrying_code(world, tmp_path):
+    """DeepSpeed's loader unpickles with weights_only=False; --resume vets every file first."""
+    import torch
+
+    run = Path(shutil.copytree(world.run, tmp_path / "run"))
+    tag_dir = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "pwned"
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(str(marker))}, states)
+    meta = json.loads((tag_dir / "andy_meta.json").read_text())
+    meta["files"][states.name] = states.stat().st_size  # as if written so: only the content is hostile
+    write(tag_dir / "andy_meta.json", json.dumps(meta))
+    result = train("python", world.train_args(run, "--max-steps", 4, "--resume"), nproc=1, check=False, timeout=300)
+    assert_user_error(Result(result.returncode, result.stdout, result.stderr), "mp_rank_00_model_states.pt",
+                      "safely", absent=[marker])
+
+
 # ---------------------------------------------------------------------------------------------
 # An existing output: replaced atomically by a finished one; a crash leaves it as it was
 
