@@ -128,8 +128,21 @@ def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict
     return tag_dir
 
 
+def _chain(err: BaseException | None) -> list[BaseException]:
+    found = []
+    while err is not None and err not in found:
+        found.append(err)
+        err = err.__cause__ or err.__context__
+    return found
+
+
 def _is_write_failure(err: Exception) -> bool:
-    return isinstance(err, OSError) or "write" in str(err).lower()
+    """A failed file write (disk full, quota, size limit), as opposed to a lost peer (gloo/NCCL errors).
+
+    torch.save reports a failed write as RuntimeError ("file write failed"), and the zip writer's cleanup
+    may replace it with another ("unexpected pos"); the original stays in the exception's context."""
+    return any(isinstance(e, OSError) or "write" in str(e).lower() or "inline_container" in str(e)
+               for e in _chain(err))
 
 
 def _agree_saved(failure: Exception | None, ckpt_dir: Path, tag: str) -> None:
@@ -140,7 +153,9 @@ def _agree_saved(failure: Exception | None, ckpt_dir: Path, tag: str) -> None:
     learn of it here and stop with the same one-line error; rank 0 removes the partial tag (freeing the
     space it took) and `latest` keeps naming the previous complete checkpoint.
     """
-    mine = None if failure is None else f"rank {_rank()}: {_describe(failure)}"
+    # torch.save's messages for a full disk are cryptic ("iostream error"): the free space says what happened.
+    mine = None if failure is None else (f"rank {_rank()}: {_describe(failure)}; "
+                                         f"{shutil.disk_usage(ckpt_dir).free / 2**20:.0f} MB free on that filesystem")
     if torch_dist.is_available() and torch_dist.is_initialized():
         reports: list = [None] * torch_dist.get_world_size()
         torch_dist.all_gather_object(reports, mine)
@@ -159,9 +174,12 @@ def _agree_saved(failure: Exception | None, ckpt_dir: Path, tag: str) -> None:
 
 
 def _describe(err: Exception) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    first = _chain(err)[-1]  # the original failure, not what a cleanup raised while handling it
+    if isinstance(first, OSError) and first.strerror:
+        text = f"{first.strerror}: {first.filename}" if first.filename else first.strerror
+    else:
+        text = str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__
+    return text
 
 
 def _fault_in_save(tag: str) -> None:

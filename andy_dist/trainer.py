@@ -119,6 +119,11 @@ class StepRunner:
                 if skipped and self.zero_stage == 0 and self.precision == "fp32":
                     for param in engine.module.parameters():
                         param.grad = None  # torch AdamW skips parameters without gradients
+                    if before_step is not None:
+                        before_step()
+                    with _skipped_fp32_step(engine):
+                        engine.step()
+                    continue
                 if before_step is not None:
                     before_step()
             engine.step()
@@ -134,6 +139,31 @@ class StepRunner:
             torch_dist.all_reduce(moved)
             tensor = moved.cpu()
         return tensor
+
+
+class _skipped_fp32_step:
+    """engine.step() for a skipped step of plain fp32 training (ZeRO-0), whose gradients were dropped.
+
+    Two things DeepSpeed does for its own optimizers (ZeRO, bf16, fp16) on a non-finite gradient are done
+    here by hand: the step counts as skipped and the LR schedule holds (the engine reads the optimizer's
+    `overflow` flag), so both paths give the same schedule after a skip. Gradient clipping is off for this
+    one call: DeepSpeed's fp32 clipping indexes the first parameter that has a gradient and raises
+    IndexError when none has (found by the NaN fault test).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        config = self.engine._config
+        self.clipping, config.gradient_clipping = config.gradient_clipping, 0.0
+        self.optimizer = self.engine.optimizer
+        self.optimizer.overflow = True
+
+    def __exit__(self, *exc):
+        self.engine._config.gradient_clipping = self.clipping
+        self.optimizer.overflow = False
+        return False
 
 
 class Trainer:

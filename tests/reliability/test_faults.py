@@ -261,7 +261,8 @@ def test_job_script_requeues_after_a_preemption_checkpoint(train_shards, tokeniz
     env = cpu_env(PATH=f"{SCRIPTS}{os.pathsep}{os.environ['PATH']}", FAKE_SRUN_NTASKS="2", FAKE_SCONTROL_LOG=str(log),
                   SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(ROOT),
                   MASTER_PORT=str(free_port()), DS_CONFIG="ds_configs/tiny.json", DATA=str(train_shards), OUT=str(run))
-    args = common(train_shards, tokenizer_path, run, "--max-steps", 40)[6:]  # the script sets --ds_config/--data/--out
+    args = common(train_shards, tokenizer_path, run, "--max-steps", 40)
+    args = args[4:6] + args[8:]  # the script sets --ds_config, --data and --out itself
     job = Job(["bash", str(ROOT / "launch" / "slurm" / "train_1node.sbatch"), *map(str, args)], env, tmp_path / "job")
     jobs.append(job)
     wait_for(lambda: last_step(run) >= 2, 120, "step 2", job)
@@ -363,7 +364,8 @@ def test_non_finite_loss_skips_the_step_and_stops_after_too_many(zero_stage, tra
     trainer_state = json.loads((ckpt / "step-000007" / "andy_meta.json").read_text())["trainer_state"]
     assert trainer_state["skipped_steps"] == 4 and trainer_state["bad_steps_in_row"] == 3
     logged = {m["step"]: m for m in metrics(run) if "train/loss" in m}
-    assert logged[3]["train/skipped_steps"] == 1 and logged[7]["train/skipped_steps"] == 4
+    # The third bad step in a row stops the run before it is logged; its count is in the checkpoint above.
+    assert logged[3]["train/skipped_steps"] == 1 and logged[6]["train/skipped_steps"] == 3
     assert all(math.isfinite(logged[s]["train/loss"]) for s in (1, 2, 4))
 
 
@@ -405,7 +407,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
     assert len(errors) == 1, result.stderr[-4000:]  # every rank stops with the same line
     error = errors.pop()
     assert "could not write checkpoint" in error and "step-000008" in error, error
-    assert ("No space left on device" in error) or ("File too large" in error) or ("write" in error), error
+    assert "MB free on that filesystem" in error, error
     assert "the previous checkpoint step-000004 is intact" in error
     assert latest(run) == "step-000004" and not (run / "checkpoints" / "step-000008").exists()
 
