@@ -236,7 +236,13 @@ def _complete_step_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
 
 def read_latest(ckpt_dir: Path) -> str | None:
     path = Path(ckpt_dir) / LATEST_FILE
-    return path.read_text().strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is corrupt (not text); write the tag to resume from into it, "
+                        f"e.g. step-000100") from None
 
 
 def load_meta(ckpt_dir: str | Path, tag: str) -> Checkpoint:
@@ -247,8 +253,8 @@ def load_meta(ckpt_dir: str | Path, tag: str) -> Checkpoint:
         raise UserError(f"checkpoint {ckpt_dir / tag} is incomplete ({META_FILE} missing: the save did not finish); "
                         f"resume from an earlier tag or delete it")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{meta_path} is corrupt (not JSON); resume from an earlier tag") from None
     if meta.get("format", 0) > FORMAT_VERSION:
         raise UserError(f"{meta_path} has format {meta['format']}, newer than this version reads ({FORMAT_VERSION}); "
