@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from andy_dist import UserError
 from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
 from andy_dist.distenv import DistEnv, accelerator, export
 

@@ -13,7 +13,6 @@ tinyshakespeare (or the built-in stdlib corpus), exported fp32 and int8, perplex
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
