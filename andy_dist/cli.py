@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,11 +23,35 @@ def run_tool(main: Callable[[], int | None]) -> None:
         code = main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        _exit(130)
+    except Exception:
+        if not _process_group_alive():
+            raise
+        traceback.print_exc()
+        _exit(1)
+    _exit(code or 0)
+
+
+def _process_group_alive() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never import torch just to ask
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, also when a failed distributed run still holds its process group.
+
+    After an error the group cannot be left in step (a peer may be dead, so a barrier could hang),
+    and an interpreter torn down around live gloo threads can abort with SIGABRT, which would
+    replace the exit status the user and the launcher rely on. So such a process leaves at once.
+    """
+    if _process_group_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def read_text_file(path: str | Path, option: str) -> str:

@@ -117,6 +117,21 @@ def init_distributed(dist: DistEnv, timeout_s: int = 600) -> torch.device:
     return device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group in step with the other ranks. Call only on an orderly finish.
+
+    Exiting with the group alive lets the interpreter tear down while gloo's C++ threads still
+    hold work objects: now and then a rank dies with SIGABRT ("terminate called without an active
+    exception") after training succeeded. The barrier makes every rank finish its last
+    collective first. After a crash this must not run: a barrier with a dead peer would hang.
+    """
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases, LayerNorms and embeddings are not decayed (GPT-2 practice)."""
     decay, no_decay = [], []

@@ -121,7 +121,7 @@ def train(argv: list[str] | None = None) -> int:
 
     from andy_dist.consolidate import verify_checkpoint_files
     from andy_dist.data import TrainStream, ValStream, SeqLenSchedule, open_shards
-    from andy_dist.engine import build_engine, init_distributed, resolve_ds_config
+    from andy_dist.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
     from andy_dist.flops import MfuMeter
     from andy_dist.metrics import MetricsLogger
     from andy_dist.model import AndyLM
@@ -217,12 +217,14 @@ def train(argv: list[str] | None = None) -> int:
               f"{total_steps} steps planned", flush=True)
     try:
         trainer.fit()
-    except TrainingStopped as stop:
+    except TrainingStopped as stop:  # every rank stops at the same step, so the shutdown below is collective
         if dist.is_main:
             print(str(stop), file=sys.stderr, flush=True)
+        shutdown_distributed()
         return stop.exit_code
     finally:
         logger.close()
+    shutdown_distributed()
     if dist.is_main:
         best = f"{state.best_val_loss:.4f} at step {state.best_step}" if state.best_val_loss is not None else "n/a"
         print(f"done: step {state.step}, best validation loss {best}; checkpoints in {ckpt_dir}", flush=True)

@@ -70,3 +70,26 @@ def test_bad_launcher_environments():
         detect({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "x"})
     assert first_slurm_host("node1,node2") == "node1"
     assert first_slurm_host("a[10-12]") == "a10"
+
+
+_FAIL_WITH_GROUP = """
+import sys, torch.distributed as dist
+from andy_dist import UserError
+from andy_dist.cli import run_tool
+def main():
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    if sys.argv[1] == "user":
+        raise UserError("bad setting x=1; use x=2")
+    raise RuntimeError("unexpected")
+run_tool(main)
+"""
+
+
+@pytest.mark.parametrize("kind,code,says", [("user", 2, "error: bad setting x=1; use x=2"),
+                                            ("bug", 1, "RuntimeError: unexpected")])
+def test_failure_with_a_live_process_group_keeps_its_exit_status(kind, code, says):
+    """A run that fails after the process group started exits with its own status (not a teardown SIGABRT)."""
+    result = subprocess.run([sys.executable, "-c", _FAIL_WITH_GROUP, kind], cwd=ROOT, env=cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr

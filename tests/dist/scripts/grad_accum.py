@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from andy_dist.config import ModelConfig  # noqa: E402
 from andy_dist.data import collate  # noqa: E402
 from andy_dist.distenv import detect  # noqa: E402
-from andy_dist.engine import build_engine, init_distributed  # noqa: E402
+from andy_dist.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
 from andy_dist.model import AndyLM  # noqa: E402
 from andy_dist.trainer import StepRunner  # noqa: E402
 
@@ -95,6 +95,7 @@ def main():
     results["reference_scale"] = max(g.abs().max().item() for g in reference.values())
     if dist.rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(results))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
