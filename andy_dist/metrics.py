@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 from andy_dist import UserError
 from andy_dist.cli import atomic_path
+from andy_dist.linelog import LineLog
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -327,10 +328,10 @@ class MetricsLogger:
         with atomic_path(self.run_dir / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         self.console = Console(total_steps, console_stream)
-        # Line-buffered append: every line reaches the file as soon as it is logged, so a crash
-        # loses nothing already logged and a resumed run continues the same file.
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
-        self._samples = open(self.run_dir / "samples.jsonl", "a", buffering=1, encoding="utf-8")
+        # Every line reaches the file as soon as it is logged (a crash loses nothing already logged,
+        # a resumed run appends to the same file), and a full disk delays lines instead of raising.
+        self._metrics = LineLog(self.run_dir / "metrics.jsonl", self.console.write)
+        self._samples = LineLog(self.run_dir / "samples.jsonl", self.console.write)
         self.console.write(f"W&B: {self.wandb_mode} ({reason})")
         if self.wandb_mode != "disabled":
             self._start_wandb(config, project, entity, run_name, tuple(tags), resume_id)
@@ -367,7 +368,7 @@ class MetricsLogger:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({key: _jsonable(value) for key, value in values.items()})
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(record))
         self.console.update(int(step), values)
         if self._run is not None:
             data = {key: v for key, v in ((k, _wandb_value(v)) for k, v in values.items()) if v is not None}
@@ -383,7 +384,7 @@ class MetricsLogger:
         for row in rows:
             if "prompt" not in row or "completion" not in row:
                 raise ValueError(f"a sample needs 'prompt' and 'completion', got keys {sorted(row)}")
-            self._samples.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in row.items()}}) + "\n")
+            self._samples.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in row.items()}}))
         first = rows[0]["completion"].replace("\n", " ")
         self.console.write(f"step {step} | sample: {rows[0]['prompt']!r} -> {first[:80]!r}")
         if self._run is not None:
@@ -399,9 +400,9 @@ class MetricsLogger:
         if not self.is_main or self._closed:
             return
         self._closed = True
-        self.console.close()
         self._metrics.close()
         self._samples.close()
+        self.console.close()
         if self._run is not None:
             import wandb
 
