@@ -99,13 +99,14 @@ class StepRunner:
         local = torch.tensor([sum(int(mb.num_target_tokens) for mb in micro_batches)], dtype=torch.float64)
         global_targets = self.all_reduce(local)[0].item()
         scale = dist.world_size * len(micro_batches) / max(global_targets, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # Summed on the device: a .cpu() per micro-batch would stall the GPU queue each time.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         input_tokens = padded = positions = 0
         for index, mb in enumerate(micro_batches):
             mb = mb.to(self.device)
             out = engine(mb.input_ids, targets=mb.targets)  # (B, T) in, summed loss out; no mask: see module doc
             loss = out.loss_sum * float("nan") if inject_nan else out.loss_sum
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             input_tokens += int(mb.num_tokens)
             positions += mb.input_ids.numel()
             padded += mb.input_ids.numel() - int(mb.num_tokens)
