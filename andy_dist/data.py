@@ -34,6 +34,7 @@ own rows, and reads them by seeking to the blocks that hold them (`andy_dist.sha
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -175,6 +176,10 @@ class _MicroBatches(IterableDataset):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # K workers per rank share the cores with the training process
+    # A SIGTERM sent to a whole process group (a launcher's, a terminal's, a scheduler's) is meant for
+    # the rank, which finishes its step, checkpoints and exits; a worker killed by it would crash the
+    # rank's DataLoader first and lose that checkpoint. The worker ends with its rank instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _iterate(dataset: _MicroBatches, num_workers: int, prefetch_factor: int,

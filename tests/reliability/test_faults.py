@@ -125,6 +125,16 @@ class Job:
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
 
+    def wait_for_every_process(self, timeout: float) -> None:
+        """Until no process of the job's session is left (the launcher may exit before its ranks)."""
+        def gone():
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        wait_for(gone, timeout, "every process of the job to exit")
+
     def output(self) -> str:
         return f"{self.stdout.read_text()[-3000:]}\n{self.stderr.read_text()[-5000:]}"
 
@@ -235,21 +245,24 @@ def test_sigterm_to_the_ranks_checkpoints_the_current_step_and_loses_nothing(ref
     assert_continues_like(reference, run, trace, from_step=stopped)
 
 
-# Only torchrun: under the deepspeed launcher a SIGTERM to the launcher's process group left no checkpoint
-# in our trial (RELIABILITY.md); signal the ranks themselves there, as srun does (the test above).
-@pytest.mark.parametrize("launcher", ["torchrun"])
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_sigterm_to_the_launcher_checkpoints_the_current_step(launcher, train_shards, tokenizer_path, tmp_path, jobs):
-    """SIGTERM to torchrun's process group: torchrun passes SIGTERM on to the ranks, which save the current
-    step and exit 75; torchrun itself reports a failure, but the checkpoint is there."""
+    """SIGTERM to the launcher's whole process group (a terminal's or a scheduler's kill): every rank saves
+    the current step and exits 75. torchrun forwards the signal and reports a failure; the outer
+    `deepspeed` process exits at once while its inner launcher waits for the ranks' checkpoint."""
     run = tmp_path / "run"
-    job = Job.train(launcher, common(train_shards, tokenizer_path, run, "--max-steps", 40), cpu_env(),
+    # A DataLoader worker under deepspeed gets the group's signal too: it must not take its rank down.
+    workers = "num_workers=1" if launcher == "deepspeed" else "num_workers=0"
+    job = Job.train(launcher, common(train_shards, tokenizer_path, run, "--max-steps", 40, workers), cpu_env(),
                     tmp_path / "preempted")
     jobs.append(job)
     wait_for(lambda: last_step(run) >= 2, 120, "step 2", job)
     os.killpg(job.proc.pid, signal.SIGTERM)
     rc = job.wait(timeout=60)
     assert rc != 0
+    job.wait_for_every_process(timeout=60)
     text = job.output()
+    assert "SIGTERM: checkpoint saved at step " in text, text
     stopped = int(text.split("SIGTERM: checkpoint saved at step ")[1].split(";")[0])
     assert latest(run) == f"step-{stopped:06d}" and last_step(run) == stopped
     assert json.loads((run / "checkpoints" / latest(run) / "andy_meta.json").read_text())["trainer_state"]["step"] == stopped
