@@ -163,6 +163,11 @@ class TrainConfig:
     """Cap this process's CUDA memory (e.g. 8 to prove a config fits an 8 GB card on a bigger one)."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    stall_report_s: float | None = 300.0
+    """When a rank finishes no step, evaluation or checkpoint for this long, it prints every thread's
+    stack to stderr (once per stall) so a hang shows where it is; null: off."""
+    dist_timeout_s: int = 600
+    """How long a rank waits in a collective for a peer before the job fails (the process-group timeout)."""
     log_interval: int = 10
     """Log training figures every this many steps."""
     eval_interval: int | None = None
@@ -225,6 +230,10 @@ class TrainConfig:
             raise ConfigError(f"seq_len_start={self.seq_len_start} exceeds the maximum {MAX_SEQ_LEN}")
         if self.bucket_window < 1:
             raise ConfigError(f"bucket_window must be >= 1, got {self.bucket_window}")
+        if self.stall_report_s is not None and self.stall_report_s <= 0:
+            raise ConfigError(f"stall_report_s must be positive or null (off), got {self.stall_report_s}")
+        if self.dist_timeout_s < 1:
+            raise ConfigError(f"dist_timeout_s must be at least 1 second, got {self.dist_timeout_s}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         known = {f.name for f in fields(ModelConfig)}

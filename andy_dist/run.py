@@ -137,7 +137,7 @@ def train(argv: list[str] | None = None) -> int:
                           f"the tokenizer with --vocab-size {plan.model.vocab_size}")
 
     device = torch.device(plan.device)
-    init_distributed(dist)
+    init_distributed(dist, timeout_s=cfg.dist_timeout_s)
     if cfg.memory_cap_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb * 2**30 / total), device)

@@ -36,6 +36,7 @@ from andy_dist.config import ModelConfig, TrainConfig
 from andy_dist.distenv import DistEnv
 from andy_dist.engine import current_lr, full_state_dict
 from andy_dist.metrics import Throughput, memory_gb, validation_metrics
+from andy_dist.watchdog import StallReporter
 
 
 class TrainingStopped(Exception):
@@ -193,6 +194,10 @@ class Trainer:
         self.mfu_meter = mfu_meter
         self._preempted = False
         self._nan_steps = fault_steps("ANDY_FAULT_NAN_STEPS")
+        # "STEP:SECONDS": rank 0 sleeps before that step (a stalled rank, for the stall-report test).
+        stall = os.environ.get("ANDY_FAULT_STALL", "")
+        self._stall_fault = tuple(float(v) for v in stall.split(":")) if stall else None
+        self._watchdog: StallReporter | None = None
         self._window: list[StepResult] = []
         self._start_time = time.time()
         self._start_step = self.state.step
@@ -205,35 +210,43 @@ class Trainer:
     def fit(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            while not self._finished():
-                for item in self.stream.iter_epoch():
-                    torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 7919 + self.dist.rank)
-                    result = self.run_step(item.micro_batches, inject_nan=(self.state.step + 1) in self._nan_steps,
-                                           preempted=self._preempted)
-                    if self._trace:
-                        self._trace.write(json.dumps({"step": self.state.step + 1,
-                                                      "samples": [int(i) for i in item.sample_ids]}) + "\n")
-                        self._trace.flush()
-                    self._after_step(result)
-                    if result.preempt:
-                        self.save()
-                        raise TrainingStopped(f"SIGTERM: checkpoint saved at step {self.state.step}; "
-                                              f"resume with --resume", EXIT_PREEMPTED)
-                    if self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
-                        self.evaluate()
-                    if self.state.step % self.cfg.save_interval == 0:
-                        self.save()
-                    if self._finished():
-                        break
-                else:  # the epoch ran to its end
-                    self.evaluate()
-            if self._last_eval_step != self.state.step and not self.state.early_stopped:
-                self.evaluate()  # every run ends validated, so `best` always exists
-            if self.state.step % self.cfg.save_interval:
-                self.save()
+            with StallReporter(self.cfg.stall_report_s, self.dist.rank) as self._watchdog:
+                self._fit()
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self._watchdog = None
         return self.state
+
+    def _fit(self) -> None:
+        while not self._finished():
+            for item in self.stream.iter_epoch():
+                if self._stall_fault and self.dist.is_main and self.state.step + 1 == self._stall_fault[0]:
+                    time.sleep(self._stall_fault[1])
+                torch.manual_seed(self.cfg.seed * 1_000_003 + self.state.step * 7919 + self.dist.rank)
+                result = self.run_step(item.micro_batches, inject_nan=(self.state.step + 1) in self._nan_steps,
+                                       preempted=self._preempted)
+                if self._trace:
+                    self._trace.write(json.dumps({"step": self.state.step + 1,
+                                                  "samples": [int(i) for i in item.sample_ids]}) + "\n")
+                    self._trace.flush()
+                self._after_step(result)
+                self._progress(f"step {self.state.step}")
+                if result.preempt:
+                    self.save()
+                    raise TrainingStopped(f"SIGTERM: checkpoint saved at step {self.state.step}; "
+                                          f"resume with --resume", EXIT_PREEMPTED)
+                if self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+                    self.evaluate()
+                if self.state.step % self.cfg.save_interval == 0:
+                    self.save()
+                if self._finished():
+                    break
+            else:  # the epoch ran to its end
+                self.evaluate()
+        if self._last_eval_step != self.state.step and not self.state.early_stopped:
+            self.evaluate()  # every run ends validated, so `best` always exists
+        if self.state.step % self.cfg.save_interval:
+            self.save()
 
     def _finished(self) -> bool:
         if self.state.early_stopped:
@@ -299,14 +312,16 @@ class Trainer:
         engine = self.engine
         self._last_eval_step = self.state.step
         engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no sync per batch
+        targets = 0
         with torch.no_grad():
             for mb in self.val_stream_factory():
                 mb = mb.to(self.device)
                 out = engine(mb.input_ids, targets=mb.targets)
-                sums += torch.tensor([out.loss_sum.double().item(), int(mb.num_target_tokens)], dtype=torch.float64)
+                loss_sum += out.loss_sum.double()
+                targets += int(mb.num_target_tokens)
         engine.train()
-        sums = self.run_step.all_reduce(sums)
+        sums = self.run_step.all_reduce(torch.tensor([loss_sum.item(), targets], dtype=torch.float64))
         val_loss = sums[0].item() / max(sums[1].item(), 1.0)
         state = self.state
         improved = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss - self.cfg.min_delta)
@@ -327,6 +342,7 @@ class Trainer:
                 print(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving on "
                       f"{state.best_val_loss:.4f} (step {state.best_step})", flush=True)
         self._log_samples()
+        self._progress(f"evaluation at step {state.step}")
         return val_loss
 
     def _log_samples(self) -> None:
@@ -341,6 +357,11 @@ class Trainer:
         self.state.data = self.stream.state_dict()
         ckpt.save(self.engine, self.ckpt_dir, ckpt.step_tag(self.state.step), asdict(self.state), self.run_meta,
                   keep_last=self.cfg.keep_last)
+        self._progress(f"checkpoint at step {self.state.step}")
+
+    def _progress(self, what: str) -> None:
+        if self._watchdog is not None:
+            self._watchdog.progress(what)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._preempted = True

@@ -356,6 +356,29 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _stall_reports(stderr: str, rank: int, last: str) -> list[str]:
+    """The stall reports of one rank after `last`: each from its header to that rank's next header
+    (both ranks write to the same stream, so their lines may interleave; extra lines do no harm)."""
+    header = f"rank {rank}: no progress for "
+    return [block for block in stderr.split(header)[1:] if f"(last: {last})" in block.split("\n")[0]]
+
+
+def test_a_stalled_rank_reports_where_every_rank_waits_and_the_run_goes_on(train_shards, tokenizer_path, tmp_path):
+    """Rank 0 stalls 10 s before step 3 with stall_report_s=3: rank 0's report shows the stalled line,
+    rank 1's the collective it waits in; once the stall ends the run finishes normally."""
+    result = train("torchrun", common(train_shards, tokenizer_path, tmp_path / "run", "--max-steps", 4,
+                                      "stall_report_s=3"),
+                   env=cpu_env(ANDY_FAULT_STALL="3:10"))
+    source = (ROOT / "andy_dist" / "trainer.py").read_text().splitlines()
+    stall_line = 1 + next(i for i, line in enumerate(source) if "time.sleep(self._stall_fault[1])" in line)
+    rank0, rank1 = _stall_reports(result.stderr, 0, "step 2"), _stall_reports(result.stderr, 1, "step 2")
+    assert rank0 and rank1, result.stderr[-5000:]
+    assert f'trainer.py", line {stall_line} in _fit' in rank0[0]  # where the (injected) stall sits
+    assert "all_reduce" in rank1[0]  # the healthy rank waits for its peer in the step's first collective
+    assert len(rank0) == 1 and len(rank1) == 1  # once per stall
+    assert "done: step 4" in result.stdout
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_non_finite_loss_skips_the_step_and_stops_after_too_many(zero_stage, train_shards, tokenizer_path, tmp_path):
     """NaN loss at step 3, then at 5, 6, 7 with max_bad_steps=3 (fp32; ZeRO-0 drops the gradients itself,

@@ -49,7 +49,8 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("lrr=1", "unknown config keys"), ("lr=fast", "lr must be a number"), ("max_steps=2.5", "max_steps must be an integer"),
     ("model.width=3", "unknown model keys"), ("precision=fp8", "precision must be one of"), ("zero_stage=4", "zero_stage"),
-    ("lr", "key=value"), ("wandb=maybe", "wandb must be")])
+    ("lr", "key=value"), ("wandb=maybe", "wandb must be"), ("stall_report_s=0", "stall_report_s must be positive"),
+    ("dist_timeout_s=0", "dist_timeout_s must be at least 1")])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, [override])
