@@ -4,7 +4,9 @@ One batch goes: left-pad the prompts to the longest (PAD, masked out; each row's
 at its first real token), prefill the preallocated `KVCache` with the prompts, then one-token
 decode steps that read only the last position's logits. A row stops at EOS (the EOS is returned)
 or when its own budget runs out: `max_new_tokens`, and prompt + new tokens never beyond the
-model's max_seq_len (512). A stopped row stays stopped (it is fed PAD, its output ignored).
+model's max_seq_len (512). A stopped row stays stopped (it is fed PAD, its output ignored) until
+stopped rows are a quarter of the batch; then they leave it, cache and all, and decode steps
+compute only the rows still running.
 
 Prompts are grouped by length (longest first) into batches of `batch_size`, so padding stays
 small; results come back in the caller's order. If a short row still has budget when the
@@ -27,6 +29,9 @@ from andy_dist.model import AndyLM, KVCache
 from andy_dist.sampling import SamplingConfig, mark_seen, next_token
 
 Models = Union[AndyLM, Sequence[AndyLM]]
+
+# Finished rows leave the batch when they are this fraction of it (above 1: never; for benchmarks).
+SHED_FINISHED_AT = 0.25
 
 
 def _as_list(models: Models) -> list[AndyLM]:
@@ -86,32 +91,44 @@ def _generate_batch(
     logits = [m(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=c, last_only=True).logits[:, -1]
               for m, c in zip(models, caches)]  # prefill; (B, V) each
     out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row, filled in as rows leave
+    rows = torch.arange(B, device=device)  # the original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for t in range(steps):
-        token = next_token(_scores(logits), sampling, seen, generator)  # (B,)
+        token = next_token(_scores(logits), sampling, seen, generator)  # (b,)
         token = token.masked_fill(finished, PAD_ID)
-        out[:, t] = token
+        out[rows, t] = token
         produced = t + 1
         finished |= (token == eos_id) | (budget <= t + 1)
-        if t + 1 == steps or bool(finished.all()):
+        stopped = int(finished.sum())
+        if t + 1 == steps or stopped == len(finished):
             break
         if seen is not None:
             mark_seen(seen, token)
+        if stopped >= SHED_FINISHED_AT * len(finished):
+            # Drop finished rows once they are a quarter of the batch: later steps compute only live
+            # rows, and the copy of the cache is paid back within a few steps.
+            done[rows[finished]] = True
+            keep = (~finished).nonzero().squeeze(1)
+            rows, token, finished, budget = rows[keep], token[keep], finished[keep], budget[keep]
+            positions, mask = positions[keep], mask[keep]
+            seen = seen[keep] if seen is not None else None
+            for cache in caches:
+                cache.reorder(keep)
         step_mask = mask[:, : P + t + 1] if padded else None
         logits = [m(token[:, None], attention_mask=step_mask, position_ids=positions, kv_cache=c, last_only=True)
                   .logits[:, -1] for m, c in zip(models, caches)]
         positions += 1
+    done[rows] = finished
 
-    rows = out[:, :produced].tolist()
-    done = finished.tolist()
     results = []
-    for row, n in zip(rows, budgets):
+    for row, n in zip(out[:, :produced].tolist(), budgets):
         row = row[:n]
         if eos_id in row:
             row = row[: row.index(eos_id) + 1]
         results.append(row)
-    return results, done
+    return results, done.tolist()
 
 
 def generate(

@@ -62,6 +62,27 @@ def test_rows_stop_at_eos_and_stay_stopped():
     assert stopped[0][-1] == eos and len(stopped[0]) <= 6
 
 
+def test_rows_leaving_the_batch_early_do_not_change_the_others():
+    """Eight rows of different lengths and budgets stop at different steps (EOS or budget), so the batch
+    sheds finished rows several times; every row must still equal its own solo run (greedy, with a
+    repetition penalty, whose per-row state leaves the batch with the row)."""
+    model = tiny_model(4, vocab=40)  # a small vocabulary: the same token turns up in many rows
+    prompts = [[2] + [5 + (i * 7 + j) % 30 for j in range(1 + i % 5)] for i in range(8)]
+    sampling = SamplingConfig(temperature=0, repetition_penalty=1.3)
+    free = generate(model, prompts, 24, sampling, eos_id=-1)
+    counts = {}
+    for row in free:
+        for token in set(row[2:14]):
+            counts[token] = counts.get(token, 0) + 1
+    eos = max(counts, key=counts.get)  # appears in the most rows, at different steps
+    solo = [generate(model, [p], 24, sampling, eos_id=eos)[0] for p in prompts]
+    batch = generate(model, prompts, 24, sampling, eos_id=eos)
+    assert batch == solo
+    lengths = {len(row) for row in batch}
+    assert len(lengths) >= 3 and min(lengths) < 12  # rows really left at different times
+    assert generate(model, prompts, 24, sampling, eos_id=eos, batch_size=3) == solo
+
+
 def test_prompt_plus_new_tokens_never_exceed_max_seq_len():
     model = tiny_model(3, max_seq_len=40)
     prompts = [[2] + [7] * 34, [2, 9]]  # 35 tokens: room for 5 more; the short row continues past the cache
