@@ -3,6 +3,7 @@
     python tools/bench.py generate                      # CPU speed (medium) + int8 quality (trained tiny)
     python tools/bench.py generate --device cuda        # bf16 and int8 tokens/s at batch 1, 8, 64
     python tools/bench.py generate --skip-quality --batch-sizes 1 --new-tokens 32   # quick
+    python tools/bench.py generate --skip-quality --skip-hf --batch-sizes 1          # + shedding only
 
 Speed: the medium shape with random weights (speed does not depend on the values) against a
 transformers GPT2LMHeadModel of the same width, depth, heads and vocabulary (n_positions 512), both
@@ -37,6 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--skip-quality", action="store_true", help="skip the int8 perplexity / file size part")
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--skip-shed", action="store_true", help="skip the finished-rows-leave-the-batch part")
 
 
 def _int8_copy(model: AndyLM, kernel: str = "auto") -> AndyLM:
@@ -136,6 +138,43 @@ def speed_cuda(args) -> dict:
     return figures
 
 
+def shedding(args) -> dict:
+    """Rows that stop early (at EOS, or at their length limit) leave the batch: half the rows of a batch
+    stop after 1/8 of the tokens; the same batch with shedding off (rows kept, fed PAD) is the baseline.
+    Row budgets stand in for EOS here, because a random model never emits it; it is the same code path."""
+    import andy_dist.generate as gen_module
+
+    device = args.device
+    batch = 16 if device == "cpu" else 64
+    cfg = model_config(args.size, dropout=0.0)
+    torch.manual_seed(0)
+    model = AndyLM(cfg).eval().to(device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    prompts = torch.randint(4, cfg.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(2)).tolist()
+    budgets = [args.new_tokens // 8] * (batch // 2) + [args.new_tokens] * (batch - batch // 2)
+
+    def timed(shed_at: float) -> tuple[float, list]:
+        gen_module.SHED_FINISHED_AT = shed_at
+        _sync(device)
+        start = time.perf_counter()
+        out, _ = gen_module._generate_batch([model], prompts, budgets, GREEDY, -1, None, [0] * batch)
+        _sync(device)
+        return time.perf_counter() - start, out
+
+    default = gen_module.SHED_FINISHED_AT
+    try:
+        timed(default)  # warm-up
+        kept, kept_out = timed(2.0)
+        shed, shed_out = timed(default)
+    finally:
+        gen_module.SHED_FINISHED_AT = default
+    assert kept_out == shed_out, "shedding finished rows changed the tokens of the others"
+    figures = {"batch": batch, "rows_stopping_early": batch // 2, "early_stop_tokens": args.new_tokens // 8,
+               "new_tokens": args.new_tokens, "kept_s": round(kept, 3), "shed_s": round(shed, 3),
+               "speedup": round(kept / shed, 3)}
+    print(f"shedding finished rows: {figures}", flush=True)
+    return figures
+
+
 def _corpus_text() -> tuple[str, str]:
     shakespeare = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "tinyshakespeare.txt"
     if shakespeare.exists():
@@ -208,4 +247,6 @@ def run(args) -> dict:
             figures["quality"] = quality(args)
     else:
         figures["speed_gpu"] = speed_cuda(args)
+    if not args.skip_shed:
+        figures["shedding"] = shedding(args)
     return figures
