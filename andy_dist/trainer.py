@@ -96,10 +96,11 @@ class StepRunner:
                  before_step: Callable[[], None] | None = None) -> StepResult:
         start = time.perf_counter()
         engine, dist = self.engine, self.dist
-        # One collective up front: the global batch's target tokens (the loss normaliser).
+        # One collective up front: the global batch's target tokens (the loss normaliser). It stays on
+        # the device: reading it back would make the GPU drain its queue before the forward pass.
         local = torch.tensor([sum(int(mb.num_target_tokens) for mb in micro_batches)], dtype=torch.float64)
-        global_targets = self.all_reduce(local)[0].item()
-        scale = dist.world_size * len(micro_batches) / max(global_targets, 1.0)
+        global_targets = self._all_reduce_in_place(local)[0]
+        scale = (dist.world_size * len(micro_batches) / global_targets.clamp(min=1.0)).float()  # the loss is fp32
         # Summed on the device: a .cpu() per micro-batch would stall the GPU queue each time.
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         input_tokens = padded = positions = 0
@@ -115,8 +116,9 @@ class StepRunner:
             if index == len(micro_batches) - 1:
                 # Before the optimizer step the ranks agree on the loss (a non-finite value anywhere skips
                 # the step everywhere); the SIGTERM flag rides along, as ranks may get it at different moments.
-                totals = self.all_reduce(torch.tensor(
-                    [loss_sum.item(), input_tokens, padded, positions, float(preempted)], dtype=torch.float64))
+                counts = torch.tensor([input_tokens, padded, positions, float(preempted)], dtype=torch.float64)
+                summed = self._all_reduce_in_place(torch.cat([loss_sum[None], counts.to(loss_sum.device)]))
+                totals = torch.cat([summed, global_targets[None].to(summed.device)]).cpu()  # the step's one read-back
                 skipped = not math.isfinite(totals[0].item())
                 if skipped and self.zero_stage == 0 and self.precision == "fp32":
                     for param in engine.module.parameters():
@@ -129,17 +131,20 @@ class StepRunner:
                 if before_step is not None:
                     before_step()
             engine.step()
-        return StepResult(loss=totals[0].item() / max(global_targets, 1.0), target_tokens=int(global_targets),
+        return StepResult(loss=totals[0].item() / max(totals[5].item(), 1.0), target_tokens=int(totals[5].item()),
                           input_tokens=int(totals[1].item()), padded_positions=int(totals[2].item()),
                           total_positions=int(totals[3].item()), skipped=skipped, preempt=totals[4].item() > 0,
                           seconds=time.perf_counter() - start)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks. gloo reduces CPU tensors; NCCL needs them on the GPU."""
+        """Sum over ranks, returned on the CPU."""
+        return self._all_reduce_in_place(tensor).cpu()
+
+    def _all_reduce_in_place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, left where the collective ran: gloo reduces CPU tensors, NCCL GPU ones."""
         if self.dist.world_size > 1:
-            moved = tensor.to(self.device) if self.device.type == "cuda" else tensor
-            torch_dist.all_reduce(moved)
-            tensor = moved.cpu()
+            tensor = tensor.to(self.device) if self.device.type == "cuda" else tensor
+            torch_dist.all_reduce(tensor)
         return tensor
 
 
