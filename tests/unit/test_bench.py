@@ -1,0 +1,52 @@
+"""tools/bench.py runs end to end in its quick settings and reports what it promises.
+
+No speed is asserted here (speed belongs to the benchmark's own ratios); the checks are the
+benchmark's invariants: its figures exist and are finite, the FLOP formula matches the counter,
+wider length buckets pad less, and shedding finished rows leaves the other rows' tokens unchanged
+(the bench asserts that itself and would exit non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.launching import ROOT, cpu_env
+
+
+def bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *args, "--out", str(out)], cwd=ROOT,
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_generate_section(tmp_path):
+    figures = bench(tmp_path, "generate", "--size", "tiny", "--skip-quality", "--skip-hf", "--batch-sizes", "2",
+                    "--new-tokens", "16", "--threads", "1")
+    speed = figures["speed_cpu"]["batch_2"]
+    assert speed["ours_fp32_tok_s"] > 0 and speed["ours_int8_tok_s"] > 0
+    shed = figures["shedding"]
+    assert shed["rows_stopping_early"] == shed["batch"] // 2 and shed["early_stop_tokens"] == 2
+    assert math.isfinite(shed["speedup"]) and shed["speedup"] > 0
+
+
+def test_mfu_section(tmp_path):
+    figures = bench(tmp_path, "mfu", "--device", "cpu", "--dtype", "fp32", "--sizes", "tiny", "--batch", "2",
+                    "--seq-len", "64", "--steps", "2", "--warmup", "1")
+    (row,) = figures["results"]
+    assert row["params"] == 2_956_800
+    assert row["formula_vs_counter"] == pytest.approx(1.0, abs=1e-3)  # 6N + 12LdT equals the FLOP counter
+    assert 0 < row["mfu"] < 1
+
+
+def test_data_section(tmp_path):
+    figures = bench(tmp_path, "data", "--max-mb", "0.2", "--steps", "20", "--train-steps", "2")
+    assert figures["train_samples"] > 0 and figures["make_shards_mb_s_1_worker"] > 0
+    assert figures["stream_over_train_0_workers"] > 0 and figures["stream_over_train_2_workers"] > 0
+    assert figures["padding_fraction_bucket_window_16"] < figures["padding_fraction"]
