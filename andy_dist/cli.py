@@ -35,19 +35,33 @@ def run_tool(main: Callable[[], int | None]) -> None:
     _exit(code or 0)
 
 
+# Set once this process has started a process group (engine.init_distributed, or a test script's own).
+_ran_distributed = False
+
+
+def mark_distributed_process() -> None:
+    """Record that this process started a process group: it will leave without interpreter teardown."""
+    global _ran_distributed
+    _ran_distributed = True
+
+
 def _process_group_alive() -> bool:
     dist = sys.modules.get("torch.distributed")  # never import torch just to ask
     return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _exit(code: int) -> None:
-    """Exit with `code`, also when a failed distributed run still holds its process group.
+    """Exit with `code`; a process that ran a process group leaves without interpreter teardown.
 
-    After an error the group cannot be left in step (a peer may be dead, so a barrier could hang),
-    and an interpreter torn down around live gloo threads can abort with SIGABRT, which would
-    replace the exit status the user and the launcher rely on. So such a process leaves at once.
+    gloo (and DeepSpeed's CPU communication op) keep C++ threads and work objects that can outlive
+    even destroy_process_group; an interpreter torn down around them now and then aborts with
+    SIGABRT ("terminate called without an active exception"), which replaces the exit status the
+    user and the launcher rely on: seen about once per 60 launches in CI, after runs that had
+    succeeded. Everything such a process writes is closed by then (checkpoints, metrics, W&B), so
+    after flushing stdout and stderr it leaves at once. After an error the same holds, and the group
+    cannot be left in step anyway (a peer may be dead, so a barrier could hang).
     """
-    if _process_group_alive():
+    if _ran_distributed or _process_group_alive():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from andy_dist.cli import mark_distributed_process
 from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
 from andy_dist.distenv import DistEnv, accelerator, export
 
@@ -114,16 +115,16 @@ def init_distributed(dist: DistEnv, timeout_s: int = 600) -> torch.device:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
+    mark_distributed_process()
     return device
 
 
 def shutdown_distributed() -> None:
     """Leave the process group in step with the other ranks. Call only on an orderly finish.
 
-    Exiting with the group alive lets the interpreter tear down while gloo's C++ threads still
-    hold work objects: now and then a rank dies with SIGABRT ("terminate called without an active
-    exception") after training succeeded. The barrier makes every rank finish its last
-    collective first. After a crash this must not run: a barrier with a dead peer would hang.
+    The barrier lets every rank finish its last collective before any rank tears its side down; the
+    process then exits without interpreter teardown (`cli.run_tool`). After a crash this must not
+    run: a barrier with a dead peer would hang.
     """
     import torch.distributed as torch_dist
 

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+from andy_dist.cli import mark_distributed_process, run_tool  # noqa: E402
 from andy_dist.config import model_config  # noqa: E402
 from andy_dist.data import TrainStream, open_shards  # noqa: E402
 from andy_dist.model import AndyLM  # noqa: E402
@@ -23,6 +24,7 @@ from andy_dist.model import AndyLM  # noqa: E402
 
 def main(shards_dir: str, out: str, steps: int, warmup: int, micro: int, accum: int, vocab: int) -> None:
     dist.init_process_group("gloo")
+    mark_distributed_process()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = DistributedDataParallel(AndyLM(model_config("tiny", vocab_size=vocab)))
@@ -55,4 +57,4 @@ def main(shards_dir: str, out: str, steps: int, warmup: int, micro: int, accum: 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8]))
+    run_tool(lambda: main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])))  # no interpreter teardown

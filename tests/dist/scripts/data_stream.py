@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from andy_dist.cli import mark_distributed_process, run_tool  # noqa: E402
 from andy_dist.data import TrainStream, ValStream, open_shards  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def all_reduced_targets(step) -> int:
 def main() -> None:
     shard_dir, out_dir, stop = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    mark_distributed_process()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     shards = open_shards(shard_dir)
@@ -73,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)  # exits without interpreter teardown, as launch/train.py does

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from andy_dist.cli import mark_distributed_process, run_tool
 from andy_dist.config import ModelConfig
 from andy_dist.model import AndyLM
 from andy_dist.tokenizer import Tokenizer
@@ -74,6 +75,7 @@ def train_and_save(out: Path, tokenizer: Tokenizer, stage: int, precision: str) 
 def main() -> None:
     out_dir, tokenizer_path, *runs = sys.argv[1:]
     deepspeed.init_distributed(dist_backend="gloo")
+    mark_distributed_process()
     tokenizer = Tokenizer.from_file(tokenizer_path)
     for run in runs:
         stage, precision = run.split(":")
@@ -84,4 +86,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    main()
+    run_tool(main)  # exits without interpreter teardown, as launch/train.py does

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from andy_dist.cli import run_tool  # noqa: E402
 from andy_dist.config import ModelConfig  # noqa: E402
 from andy_dist.data import collate  # noqa: E402
 from andy_dist.distenv import detect  # noqa: E402
@@ -99,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)  # exits without interpreter teardown, as launch/train.py does
