@@ -1,7 +1,7 @@
 """The Andy-LLM decoder-only Transformer, in plain PyTorch.
 
 Written for one device: parallelism (ZeRO, data parallel) is applied from outside by
-`andy_dist.engine`, and inference (`andy_dist.generate`) drives the same module through a
+`andy_dist.train.engine`, and inference (`andy_dist.infer.generate`) drives the same module through a
 preallocated `KVCache`. Nothing here imports DeepSpeed.
 
 Shapes: B batch, T query length, S key length (past + current), C d_model, H heads, D head dim.

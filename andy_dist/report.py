@@ -19,7 +19,7 @@ from typing import Optional
 
 from andy_dist import UserError
 from andy_dist.cli import atomic_path
-from andy_dist.metrics import METRIC_KEYS
+from andy_dist.train.metrics import METRIC_KEYS
 
 SAMPLE_STEPS_SHOWN = 3  # the most recent sampling rounds per run in the samples table
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.run import train  # noqa: E402
+from andy_dist.train.run import train  # noqa: E402
 
 if __name__ == "__main__":
     run_tool(train)

@@ -42,8 +42,8 @@ import torch, time
 from torch.profiler import profile, ProfilerActivity
 from andy_dist.config import model_config
 from andy_dist.model import AndyLM
-from andy_dist.generate import generate
-from andy_dist.sampling import SamplingConfig
+from andy_dist.infer.generate import generate
+from andy_dist.infer.token_sampling import SamplingConfig
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = AndyLM(model_config("medium", dropout=0.0)).eval().to(device=device, dtype=dtype)

@@ -43,7 +43,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def builtin_corpus(tmp_path_factory) -> Path:
     """About 1 MB of Python standard library source, as .jsonl (one file per document)."""
-    from andy_dist.corpus import write_default_corpus
+    from andy_dist.data.corpus import write_default_corpus
 
     return write_default_corpus(tmp_path_factory.mktemp("corpus") / "stdlib.jsonl", max_bytes=1_000_000)
 
@@ -51,15 +51,15 @@ def builtin_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(builtin_corpus, tmp_path_factory) -> Path:
     """A real 2,000-piece BPE tokenizer trained on the built-in corpus."""
-    from andy_dist.corpus import read_documents
-    from andy_dist.tokenizer import train_tokenizer
+    from andy_dist.data.corpus import read_documents
+    from andy_dist.data.tokenizer import train_tokenizer
 
     return train_tokenizer(read_documents([str(builtin_corpus)]), 2000, tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.data.tokenizer import Tokenizer
 
     return Tokenizer.from_file(tokenizer_path)
 
@@ -83,7 +83,7 @@ def zh_fortunes() -> Path:
 @pytest.fixture(scope="session")
 def train_shards(builtin_corpus, tokenizer_path, tmp_path_factory) -> Path:
     """Real WebDataset shards of the built-in corpus, samples cut at 64 tokens so CPU steps are quick."""
-    from andy_dist.shards import write_shards
+    from andy_dist.data.shard_writer import write_shards
 
     out = tmp_path_factory.mktemp("shards") / "stdlib"
     write_shards([str(builtin_corpus)], tokenizer_path, out, val_fraction=0.05, workers=1, max_seq_len=64,

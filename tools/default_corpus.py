@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.corpus import write_default_corpus  # noqa: E402
+from andy_dist.data.corpus import write_default_corpus  # noqa: E402
 
 
 def main() -> int:

@@ -65,13 +65,13 @@ def main() -> int:
 
     from andy_dist import BOS_ID, EOS_ID, UserError
     from andy_dist.cli import read_text_file, resolve_device
-    from andy_dist.modelfile import load_model_file
+    from andy_dist.infer.model_file import load_model_file
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, tokenizer, info = load_model_file(args.model, device=resolve_device(args.device))
     if args.data:
-        from andy_dist.data import ValStream, open_shards
+        from andy_dist.data.stream import ValStream, open_shards
 
         shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=model.cfg.vocab_size, verify="size")
         stream = ValStream(shards, rank=0, world_size=1, micro_batch_size=args.batch_size,

@@ -33,9 +33,9 @@ def main() -> int:
     from andy_dist import UserError
     from andy_dist.cli import check_output_path
     from andy_dist.config import ModelConfig
-    from andy_dist.consolidate import load_checkpoint_weights, resolve_checkpoint
-    from andy_dist.modelfile import save_model_file
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.infer.export import load_checkpoint_weights, resolve_checkpoint
+    from andy_dist.infer.model_file import save_model_file
+    from andy_dist.data.tokenizer import Tokenizer
 
     dtype = args.dtype or "int8"
     check_output_path(args.output, "-o")  # before the minutes of reading a large checkpoint

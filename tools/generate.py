@@ -6,7 +6,7 @@
     python tools/generate.py model.andy --prompts-file prompts.txt --batch-size 8   # one prompt per line
     python tools/generate.py a.andy --ensemble b.andy --prompt "x"   # average the models' log-probabilities
 
-Sampling order and the repetition penalty's rules: see andy_dist/sampling.py.
+Sampling order and the repetition penalty's rules: see andy_dist/infer/token_sampling.py.
 """
 
 import argparse
@@ -39,9 +39,9 @@ def main() -> int:
 
     from andy_dist import UserError
     from andy_dist.cli import read_text_file, resolve_device
-    from andy_dist.generate import generate_text
-    from andy_dist.modelfile import load_model_file
-    from andy_dist.sampling import SamplingConfig
+    from andy_dist.infer.generate import generate_text
+    from andy_dist.infer.model_file import load_model_file
+    from andy_dist.infer.token_sampling import SamplingConfig
 
     prompts = list(args.prompt)
     if args.prompts_file:

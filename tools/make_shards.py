@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize text into WebDataset tar shards for training (see andy_dist/shards.py for the format).
+"""Tokenize text into WebDataset tar shards for training (see andy_dist/data/shard_writer.py for the format).
 
     python tools/make_shards.py --input PATH [PATH ...] --tokenizer DIR/tokenizer.model --out shards/NAME
         [--val-fraction F] [--shard-size-mb M] [--workers N] [--max-seq-len 512]
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.shards import summary, write_shards  # noqa: E402
+from andy_dist.data.shard_writer import summary, write_shards  # noqa: E402
 
 
 def main() -> int:

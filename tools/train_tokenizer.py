@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.corpus import iter_documents, resolve_inputs, total_bytes  # noqa: E402
-from andy_dist.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from andy_dist.data.corpus import iter_documents, resolve_inputs, total_bytes  # noqa: E402
+from andy_dist.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 
 def main() -> int:

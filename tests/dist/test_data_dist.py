@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from andy_dist.corpus import read_documents
-from andy_dist.data import open_shards
-from andy_dist.shards import write_shards
+from andy_dist.data.corpus import read_documents
+from andy_dist.data.stream import open_shards
+from andy_dist.data.shard_writer import write_shards
 
 pytestmark = pytest.mark.dist
 STOP = 9

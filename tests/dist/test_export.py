@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from andy_dist import UserError
-from andy_dist.consolidate import load_checkpoint_weights
-from andy_dist.modelfile import load_model_file
+from andy_dist.infer.export import load_checkpoint_weights
+from andy_dist.infer.model_file import load_model_file
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 RUNS = ["2:fp32", "3:bf16"]  # stage 0 and 1 are checked the same way by hand (see the report)

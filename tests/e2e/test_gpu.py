@@ -37,7 +37,7 @@ def test_medium_fits_an_8gb_card_at_sequence_length_512(gpu_shards_512, tokenize
 
 @pytest.fixture(scope="module")
 def gpu_shards_512(builtin_corpus, tokenizer_path, tmp_path_factory):
-    from andy_dist.shards import write_shards
+    from andy_dist.data.shard_writer import write_shards
 
     out = tmp_path_factory.mktemp("shards512") / "stdlib"
     write_shards([str(builtin_corpus)], tokenizer_path, out, val_fraction=0.02, workers=1, max_seq_len=512,

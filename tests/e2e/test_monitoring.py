@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from andy_dist.metrics import TRAIN_KEYS, VAL_KEYS
+from andy_dist.train.metrics import TRAIN_KEYS, VAL_KEYS
 from tests.launching import ROOT, cpu_env, metrics, train
 from tests.wandb_offline import read_offline_runs
 

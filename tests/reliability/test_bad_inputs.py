@@ -74,13 +74,13 @@ def _refuse_distributed(*_args, **_kwargs):
 
 def run_here(tool: str, *args) -> Result:
     """Run tools/X.py in this process, as `python tools/X.py ARGS` would (through `run_tool`)."""
-    import andy_dist.engine
+    import andy_dist.train.engine
 
     script = ROOT / TOOLS[tool]
     out, err = io.StringIO(), io.StringIO()
-    old_argv, old_init = sys.argv, andy_dist.engine.init_distributed
+    old_argv, old_init = sys.argv, andy_dist.train.engine.init_distributed
     sys.argv = [str(script), *map(str, args)]
-    andy_dist.engine.init_distributed = _refuse_distributed
+    andy_dist.train.engine.init_distributed = _refuse_distributed
     code = None
     try:
         with redirect_stdout(out), redirect_stderr(err):
@@ -92,7 +92,7 @@ def run_here(tool: str, *args) -> Result:
                     f"traceback):\n{''.join(traceback.format_exception(exc))[-3000:]}\nstderr:\n{err.getvalue()[-2000:]}")
     finally:
         sys.argv = old_argv
-        andy_dist.engine.init_distributed = old_init
+        andy_dist.train.engine.init_distributed = old_init
     return Result(0 if code is None else code, out.getvalue(), err.getvalue())
 
 
@@ -164,11 +164,11 @@ def world(builtin_corpus, tokenizer_path, train_shards, tmp_path_factory) -> Wor
     import torch
 
     from andy_dist.config import ModelConfig
-    from andy_dist.corpus import read_documents
+    from andy_dist.data.corpus import read_documents
     from andy_dist.model import AndyLM
-    from andy_dist.modelfile import save_model_file
-    from andy_dist.shards import write_shards
-    from andy_dist.tokenizer import Tokenizer, train_tokenizer
+    from andy_dist.infer.model_file import save_model_file
+    from andy_dist.data.shard_writer import write_shards
+    from andy_dist.data.tokenizer import Tokenizer, train_tokenizer
 
     base = tmp_path_factory.mktemp("bad_inputs")
     tok2 = train_tokenizer(read_documents([str(builtin_corpus)]), 600, base / "tok2")
@@ -1203,9 +1203,9 @@ def test_resume_refuses_a_checkpoint_carrying_code(world, tmp_path):
 
 
 def test_outputs_are_replaced_by_finished_ones(world, tmp_path):
-    from andy_dist.modelfile import load_model_file
-    from andy_dist.shardset import open_shards
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.infer.model_file import load_model_file
+    from andy_dist.data.shard_reader import open_shards
+    from andy_dist.data.tokenizer import Tokenizer
 
     model = write(tmp_path / "model.andy", b"an older export")
     assert run_here("export", "--fp32", world.ckpt, "-o", model).code == 0
@@ -1237,11 +1237,11 @@ def test_payload_runs_when_unpickled(tmp_path):
 
 
 def test_crash_while_writing_leaves_the_previous_output(world, tmp_path, monkeypatch):
-    import andy_dist.modelfile
-    import andy_dist.shards
-    from andy_dist.consolidate import load_checkpoint_weights
+    import andy_dist.infer.model_file
+    import andy_dist.data.shard_writer
+    from andy_dist.infer.export import load_checkpoint_weights
     from andy_dist.config import ModelConfig
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.data.tokenizer import Tokenizer
 
     def half_then_crash(tensors, path, metadata=None):
         Path(path).write_bytes(b"half a model")
@@ -1249,14 +1249,14 @@ def test_crash_while_writing_leaves_the_previous_output(world, tmp_path, monkeyp
 
     model = write(tmp_path / "model.andy", b"the previous export")
     state, meta = load_checkpoint_weights(world.ckpt)
-    monkeypatch.setattr(andy_dist.modelfile, "save_file", half_then_crash)
+    monkeypatch.setattr(andy_dist.infer.model_file, "save_file", half_then_crash)
     with pytest.raises(RuntimeError, match="simulated"):
-        andy_dist.modelfile.save_model_file(model, state, ModelConfig.from_dict(meta["model_config"]),
+        andy_dist.infer.model_file.save_model_file(model, state, ModelConfig.from_dict(meta["model_config"]),
                                             Tokenizer.from_file(world.tok))
     assert model.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
 
     calls = {"n": 0}
-    real_write_chunk = andy_dist.shards._write_chunk
+    real_write_chunk = andy_dist.data.shard_writer._write_chunk
 
     def crash_on_second_chunk(*args, **kwargs):
         calls["n"] += 1
@@ -1266,7 +1266,7 @@ def test_crash_while_writing_leaves_the_previous_output(world, tmp_path, monkeyp
 
     shards = copy_shards(world.shards2, tmp_path / "set")
     before = _snapshot(shards)
-    monkeypatch.setattr(andy_dist.shards, "_write_chunk", crash_on_second_chunk)
+    monkeypatch.setattr(andy_dist.data.shard_writer, "_write_chunk", crash_on_second_chunk)
     with pytest.raises(RuntimeError, match="simulated"):
-        andy_dist.shards.write_shards([world.corpus], world.tok, shards, workers=1, max_seq_len=64, progress=False)
+        andy_dist.data.shard_writer.write_shards([world.corpus], world.tok, shards, workers=1, max_seq_len=64, progress=False)
     assert _snapshot(shards) == before and leftovers(tmp_path) == []

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from andy_dist.config import GLOBAL_BATCH_RANGE, ConfigError, load_train_config, resolve_batch
-from andy_dist.engine import load_ds_config, model_size, resolve_ds_config
+from andy_dist.train.engine import load_ds_config, model_size, resolve_ds_config
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8, 64])

@@ -1,4 +1,4 @@
-"""The training and validation streams (andy_dist.data, andy_dist.sampler) on real shards.
+"""The training and validation streams (andy_dist.data.stream, andy_dist.data.batch_plan) on real shards.
 
 Ranks are simulated here by building one stream per rank in this process (the stream needs no
 communication: every rank derives the same plan); tests/dist runs the same on 2 real processes.
@@ -18,11 +18,11 @@ import torch
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
 from andy_dist.config import SIZES
-from andy_dist.data import SeqLenSchedule, TrainStream, ValStream, collate, open_shards
+from andy_dist.data.stream import SeqLenSchedule, TrainStream, ValStream, collate, open_shards
 from andy_dist.model import AndyLM
-from andy_dist.sampler import balanced_partition
-from andy_dist.corpus import read_documents
-from andy_dist.shards import MANIFEST, write_shards
+from andy_dist.data.batch_plan import balanced_partition
+from andy_dist.data.corpus import read_documents
+from andy_dist.data.shard_writer import MANIFEST, write_shards
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from andy_dist.config import SIZES
-from andy_dist.flops import (
+from andy_dist.train.flops import (
     GPU_PEAKS,
     MfuMeter,
     flops_per_token,

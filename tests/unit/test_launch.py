@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from andy_dist import UserError
-from andy_dist.distenv import detect, first_slurm_host
+from andy_dist.train.distenv import detect, first_slurm_host
 from tests.launching import ROOT, cpu_env
 
 DEEPSPEED = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",

@@ -12,7 +12,7 @@ from tests.launching import ROOT
 # ENOSPC; Python ignores SIGXFSZ, so the write raises OSError. Run in a child: the limit is per process.
 _SCRIPT = """
 import io, json, resource, sys
-from andy_dist.metrics import MetricsLogger
+from andy_dist.train.metrics import MetricsLogger
 run = sys.argv[1]
 console = io.StringIO()
 logger = MetricsLogger(run, {"x": 1}, is_main=True, wandb_mode="disabled", console_stream=console)
@@ -48,7 +48,7 @@ def test_full_disk_holds_metrics_lines_and_writes_them_in_order_later(tmp_path):
 
 
 def test_lines_still_held_at_close_are_reported(tmp_path):
-    from andy_dist.linelog import LineLog
+    from andy_dist.train.linelog import LineLog
 
     messages: list[str] = []
     log = LineLog(tmp_path / "x.jsonl", messages.append, max_pending_bytes=10)

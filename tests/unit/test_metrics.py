@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from andy_dist import UserError
-from andy_dist.metrics import (
+from andy_dist.train.metrics import (
     FP16_KEYS,
     METRIC_KEYS,
     TRAIN_KEYS,
@@ -202,7 +202,7 @@ def test_memory_is_process_rss_on_cpu():
     import subprocess
     import sys
 
-    code = ("import torch; from andy_dist.metrics import memory_gb; before = memory_gb('cpu'); "
+    code = ("import torch; from andy_dist.train.metrics import memory_gb; before = memory_gb('cpu'); "
             "block = torch.ones(64 * 2**20 // 4); print(memory_gb('cpu') - before)")
     grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  cwd=Path(__file__).resolve().parents[2]).stdout)
@@ -219,7 +219,7 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     import torch.distributed as dist
 
     from andy_dist.config import model_config
-    from andy_dist.flops import MfuMeter
+    from andy_dist.train.flops import MfuMeter
     from andy_dist.model import AndyLM
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -5,7 +5,7 @@ import torch
 
 from andy_dist.config import ModelConfig
 from andy_dist.model import AndyLM
-from andy_dist.quantize import (Int8Linear, dequantize_tensor, fbgemm_available, is_quantized_name,
+from andy_dist.infer.quantize import (Int8Linear, dequantize_tensor, fbgemm_available, is_quantized_name,
                                 quantize_state_dict, quantize_tensor, swap_int8_linears)
 
 # Stated tolerance: int8 logits within 3% of the fp32 logits' largest magnitude (fbgemm also

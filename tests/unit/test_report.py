@@ -15,8 +15,8 @@ import torch
 
 from andy_dist import UserError
 from andy_dist.config import model_config
-from andy_dist.flops import MfuMeter
-from andy_dist.metrics import MetricsLogger, Throughput, memory_gb, validation_metrics
+from andy_dist.train.flops import MfuMeter
+from andy_dist.train.metrics import MetricsLogger, Throughput, memory_gb, validation_metrics
 from andy_dist.model import AndyLM
 from andy_dist.report import PLOTS, draw, load_run, load_runs, render
 

@@ -1,10 +1,10 @@
-"""The sampler's rules one by one (andy_dist/sampling.py's docstring gives the order)."""
+"""The sampler's rules one by one (andy_dist/infer/token_sampling.py's docstring gives the order)."""
 
 import pytest
 import torch
 
 from andy_dist import PAD_ID, UserError
-from andy_dist.sampling import SamplingConfig, apply_repetition_penalty, mark_seen, next_token, top_k_top_p
+from andy_dist.infer.token_sampling import SamplingConfig, apply_repetition_penalty, mark_seen, next_token, top_k_top_p
 
 
 def test_temperature_zero_is_greedy_and_uses_no_randomness():

@@ -1,4 +1,4 @@
-"""Writing shards (tools/make_shards.py, andy_dist.shards) and opening them (andy_dist.shardset).
+"""Writing shards (tools/make_shards.py, andy_dist.data.shard_writer) and opening them (andy_dist.data.shard_reader).
 
 Real SentencePiece tokenizers, real tar shards read back through WebDataset; bad inputs are real
 damaged files.
@@ -20,10 +20,10 @@ import pytest
 import webdataset as wds
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
-from andy_dist.corpus import read_documents
-from andy_dist.shards import MANIFEST, SECTION_PIECES, SplitRule, cut_lengths, write_shards
-from andy_dist.shardset import open_shards
-from andy_dist.tokenizer import train_tokenizer
+from andy_dist.data.corpus import read_documents
+from andy_dist.data.shard_writer import MANIFEST, SECTION_PIECES, SplitRule, cut_lengths, write_shards
+from andy_dist.data.shard_reader import open_shards
+from andy_dist.data.tokenizer import train_tokenizer
 
 CHINESE_DOCS = [
     "要有礼貌。在这种规模的项目中，很难避免遇到与你意见不和的人。",
@@ -238,7 +238,7 @@ def test_chinese_round_trip_zh_fortunes(tmp_path, zh_fortunes):
     docs = list(read_documents([str(zh_fortunes)]))
     path = write_jsonl(tmp_path / "zh.jsonl", [d.text for d in docs[:400]])
     tokenizer_path = train_tokenizer(read_documents([str(path)]), 3000, tmp_path / "tok")
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.data.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)
     manifest = write_shards([path], tok, tmp_path / "zh", val_fraction=0.0, workers=2, max_seq_len=96,

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
-from andy_dist.corpus import read_documents
-from andy_dist.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, split_long_line, train_tokenizer
+from andy_dist.data.corpus import read_documents
+from andy_dist.data.tokenizer import MAX_SENTENCE_BYTES, Tokenizer, split_long_line, train_tokenizer
 
 MIXED = "Hello,  world!\n\n\tTabs and   spaces  \n中文混合 English 123 😀\r\n end "
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from andy_dist.watchdog import StallReporter
+from andy_dist.train.watchdog import StallReporter
 
 
 def _stalled_here(seconds: float) -> None:

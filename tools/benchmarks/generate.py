@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from andy_dist.config import model_config
-from andy_dist.generate import generate
+from andy_dist.infer.generate import generate
 from andy_dist.model import AndyLM
-from andy_dist.sampling import SamplingConfig
+from andy_dist.infer.token_sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0)
 PROMPT_LEN = 16
@@ -43,8 +43,8 @@ def add_arguments(parser) -> None:
 
 def _int8_copy(model: AndyLM, kernel: str = "auto") -> AndyLM:
     """The model as the int8 export would load it (same transform, no file round trip)."""
-    from andy_dist.modelfile import build_model
-    from andy_dist.quantize import SCHEME, quantize_state_dict
+    from andy_dist.infer.model_file import build_model
+    from andy_dist.infer.quantize import SCHEME, quantize_state_dict
 
     info = {"model_config": model.cfg.to_dict(),
             "quantization": {"scheme": SCHEME, "float_dtype": "fp32", "embeddings_quantized": True}}
@@ -142,7 +142,7 @@ def shedding(args) -> dict:
     """Rows that stop early (at EOS, or at their length limit) leave the batch: half the rows of a batch
     stop after 1/8 of the tokens; the same batch with shedding off (rows kept, fed PAD) is the baseline.
     Row budgets stand in for EOS here, because a random model never emits it; it is the same code path."""
-    import andy_dist.generate as gen_module
+    import andy_dist.infer.generate as gen_module
 
     device = args.device
     batch = 16 if device == "cpu" else 64
@@ -179,7 +179,7 @@ def _corpus_text() -> tuple[str, str]:
     shakespeare = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "tinyshakespeare.txt"
     if shakespeare.exists():
         return shakespeare.read_text(encoding="utf-8"), "tinyshakespeare"
-    from andy_dist.corpus import write_default_corpus, read_documents
+    from andy_dist.data.corpus import write_default_corpus, read_documents
 
     path = write_default_corpus(Path(tempfile.mkdtemp()) / "stdlib.jsonl", max_bytes=1_000_000)
     return "\n".join(d.text for d in read_documents([str(path)])), "stdlib"
@@ -187,9 +187,9 @@ def _corpus_text() -> tuple[str, str]:
 
 def quality(args) -> dict:
     """Train a tiny model briefly, export fp32 / int8 / int8 with float embeddings, compare."""
-    from andy_dist.corpus import Document
-    from andy_dist.modelfile import load_model_file, save_model_file
-    from andy_dist.tokenizer import train_tokenizer, Tokenizer
+    from andy_dist.data.corpus import Document
+    from andy_dist.infer.model_file import load_model_file, save_model_file
+    from andy_dist.data.tokenizer import train_tokenizer, Tokenizer
     from tools.evaluate import evaluate_batches, text_batches
 
     text, name = _corpus_text()

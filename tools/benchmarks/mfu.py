@@ -4,7 +4,7 @@
     python tools/bench.py mfu --device cpu --dtype fp32 --sizes tiny --batch 8 --seq-len 128
 
 Tokens/s is timed over --steps steps after --warmup steps (CUDA synchronized), then divided
-into MFU with andy_dist.flops (6N + 12LdT per token over the device's peak). The FLOPs per
+into MFU with andy_dist.train.flops (6N + 12LdT per token over the device's peak). The FLOPs per
 token are also checked against torch.utils.flop_counter on the same device, so the figure
 rests on a counted number, not only on the formula.
 """
@@ -48,7 +48,7 @@ def counted_flops_per_token(model, batch: torch.Tensor) -> float:
 
 def measure(size: str, batch_size: int, args) -> dict:
     from andy_dist.config import GLOBAL_BATCH_RANGE, model_config
-    from andy_dist.flops import MfuMeter
+    from andy_dist.train.flops import MfuMeter
     from andy_dist.model import AndyLM
 
     device = torch.device(args.device)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from andy_dist.corpus import read_documents, write_default_corpus
-from andy_dist.shards import write_shards
-from andy_dist.tokenizer import train_tokenizer
+from andy_dist.data.corpus import read_documents, write_default_corpus
+from andy_dist.data.shard_writer import write_shards
+from andy_dist.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO, ACCUM, RANKS = 16, 1, 2

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from andy_dist import UserError
 from andy_dist.cli import atomic_path
-from andy_dist.linelog import LineLog
+from andy_dist.train.linelog import LineLog
 
 WANDB_MODES = ("online", "offline", "disabled")
 

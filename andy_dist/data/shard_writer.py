@@ -11,11 +11,11 @@ Tar members. Samples are packed many per member ("blocks"): block `00000042` is 
 `00000042.lengths.npy` (uint32, one length per sample) and `00000042.tokens.npy` (uint16, or uint32
 for vocabularies above 65,535: the samples' tokens concatenated). Any WebDataset pipeline reads a
 shard as a stream of blocks (`wds.tarfile_to_samples()` + `wds.decode()`); the manifest also records
-the byte offset of each block's first tar header, so `andy_dist.shardset` can seek straight to one
+the byte offset of each block's first tar header, so `andy_dist.data.shard_reader` can seek straight to one
 block instead of reading through a shard. Samples are numbered 0..N-1 per split in the order they
 were written; a block holds consecutive ids.
 
-Documents -> samples. Each input document (see `andy_dist.corpus`) is checked:
+Documents -> samples. Each input document (see `andy_dist.data.corpus`) is checked:
   * empty or whitespace-only documents are dropped and counted;
   * exact duplicates (same text, compared by a 128-bit BLAKE2 digest) are dropped and counted;
   * the rest are encoded as `BOS ids EOS`. A sequence longer than `max_seq_len` is cut into
@@ -55,8 +55,8 @@ from tqdm import tqdm
 
 from andy_dist import BOS_ID, EOS_ID, UserError
 from andy_dist.cli import check_output_path
-from andy_dist.corpus import Document, iter_documents, resolve_inputs, total_bytes
-from andy_dist.tokenizer import Tokenizer
+from andy_dist.data.corpus import Document, iter_documents, resolve_inputs, total_bytes
+from andy_dist.data.tokenizer import Tokenizer
 
 FORMAT_NAME = "andy-shards"
 FORMAT_VERSION = 1
@@ -400,7 +400,7 @@ def write_shards(
 ) -> dict:
     """Tokenize the input documents into `out/` (see the module docstring); return the manifest.
 
-    inputs: .txt/.jsonl files, directories or globs (as `andy_dist.corpus.resolve_inputs`).
+    inputs: .txt/.jsonl files, directories or globs (as `andy_dist.data.corpus.resolve_inputs`).
     tokenizer: a `Tokenizer` or the path of a tokenizer.model.
     workers: encoding processes (default: every core); 1 encodes in this process.
     block_tokens: tokens per tar member; lowered automatically so a shard holds at least ~4 blocks.

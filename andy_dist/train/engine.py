@@ -17,7 +17,7 @@ import torch
 
 from andy_dist.cli import mark_distributed_process
 from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
-from andy_dist.distenv import DistEnv, accelerator, export
+from andy_dist.train.distenv import DistEnv, accelerator, export
 
 # Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
 # silently overridden, so it is refused instead.

@@ -1,6 +1,6 @@
 """The single-file model format (`model.andy`): one safetensors file, loadable without pickle.
 
-Tensors: the weights in stored form (float, or int8 + `NAME.scale` rows, see `andy_dist.quantize`)
+Tensors: the weights in stored form (float, or int8 + `NAME.scale` rows, see `andy_dist.infer.quantize`)
 and `tokenizer.model`, the SentencePiece model bytes as a uint8 tensor.
 Metadata (safetensors' string map), every value JSON or plain text:
 
@@ -31,9 +31,9 @@ from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
 from andy_dist.cli import atomic_path
 from andy_dist.config import ModelConfig
 from andy_dist.model import AndyLM, sinusoidal_table
-from andy_dist.quantize import (SCALE_SUFFIX, SCHEME, Int8Linear, dequantize_tensor, quantize_state_dict,
+from andy_dist.infer.quantize import (SCALE_SUFFIX, SCHEME, Int8Linear, dequantize_tensor, quantize_state_dict,
                                 swap_int8_linears)
-from andy_dist.tokenizer import Tokenizer
+from andy_dist.data.tokenizer import Tokenizer
 
 FORMAT = "andy-model"
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
 from andy_dist.cli import atomic_path, check_output_path
-from andy_dist.corpus import Document
+from andy_dist.data.corpus import Document
 
 SPECIAL_PIECES = {"pad": "[PAD]", "unk": "[UNK]", "bos": "[BOS]", "eos": "[EOS]"}
 # SentencePiece skips training sentences longer than this many bytes; we cut them instead.

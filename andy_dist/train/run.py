@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from andy_dist import UserError
-from andy_dist import checkpoint as ckpt
+from andy_dist.train import checkpoint as ckpt
 from andy_dist.cli import check_output_path
 from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
                               resolve_batch)
-from andy_dist.distenv import DistEnv, accelerator, detect
-from andy_dist.engine import ds_precision, load_ds_config, model_size
+from andy_dist.train.distenv import DistEnv, accelerator, detect
+from andy_dist.train.engine import ds_precision, load_ds_config, model_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
 
 
 def _tokenizer_for(args, data_dir: Path):
-    from andy_dist.tokenizer import Tokenizer
+    from andy_dist.data.tokenizer import Tokenizer
 
     path = Path(args.tokenizer) if args.tokenizer else data_dir / "tokenizer.model"
     if not path.exists():
@@ -119,13 +119,13 @@ def train(argv: list[str] | None = None) -> int:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
     check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
 
-    from andy_dist.consolidate import verify_checkpoint_files
-    from andy_dist.data import TrainStream, ValStream, SeqLenSchedule, open_shards
-    from andy_dist.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
-    from andy_dist.flops import MfuMeter
-    from andy_dist.metrics import MetricsLogger
+    from andy_dist.infer.export import verify_checkpoint_files
+    from andy_dist.data.stream import TrainStream, ValStream, SeqLenSchedule, open_shards
+    from andy_dist.train.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
+    from andy_dist.train.flops import MfuMeter
+    from andy_dist.train.metrics import MetricsLogger
     from andy_dist.model import AndyLM
-    from andy_dist.trainer import Trainer, TrainingStopped, TrainState
+    from andy_dist.train.trainer import Trainer, TrainingStopped, TrainState
 
     cfg, dist = plan.cfg, plan.dist
     data_dir = Path(args.data)
@@ -233,7 +233,7 @@ def train(argv: list[str] | None = None) -> int:
 
 def _make_sampler(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, device: torch.device):
     """Rank 0's sample generator: a plain fp32 copy of the model continues the configured prompts."""
-    from andy_dist.generate import SamplingConfig, generate
+    from andy_dist.infer.generate import SamplingConfig, generate
     from andy_dist.model import AndyLM
 
     sampling = SamplingConfig(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, top_p=cfg.sample_top_p)

@@ -31,12 +31,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 
-from andy_dist import checkpoint as ckpt
+from andy_dist.train import checkpoint as ckpt
 from andy_dist.config import ModelConfig, TrainConfig
-from andy_dist.distenv import DistEnv
-from andy_dist.engine import current_lr, full_state_dict
-from andy_dist.metrics import Throughput, memory_gb, validation_metrics
-from andy_dist.watchdog import StallReporter
+from andy_dist.train.distenv import DistEnv
+from andy_dist.train.engine import current_lr, full_state_dict
+from andy_dist.train.metrics import Throughput, memory_gb, validation_metrics
+from andy_dist.train.watchdog import StallReporter
 
 
 class TrainingStopped(Exception):

@@ -1,4 +1,4 @@
-"""Open and check a shard set, and read its samples by id (the reading half of `andy_dist.shards`).
+"""Open and check a shard set, and read its samples by id (the reading half of `andy_dist.data.shard_writer`).
 
 `open_shards()` checks everything that can be checked before training starts and turns each
 problem into a `UserError` that names the file and the fix: a missing or malformed manifest, a
@@ -13,7 +13,7 @@ largest token id.
 the byte offset of its first tar header, so reading a sample costs one seek plus one block read:
 WebDataset's `tar_file_iterator` parses the two members from there and its npy decoder decodes them
 (no pickle). A small LRU cache keeps recently used blocks, since the shuffled order visits a window of
-blocks at a time (see `andy_dist.sampler`).
+blocks at a time (see `andy_dist.data.batch_plan`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import webdataset as wds
 from webdataset.autodecode import npy_loads
 
 from andy_dist import UserError
-from andy_dist.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, block_key
-from andy_dist.tokenizer import Tokenizer
+from andy_dist.data.shard_writer import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, block_key
+from andy_dist.data.tokenizer import Tokenizer
 
 VERIFY_LEVELS = ("size", "sha256", "full")
 _REMAKE = "re-create the shard set with tools/make_shards.py"

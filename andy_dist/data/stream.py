@@ -12,9 +12,9 @@ What WebDataset gives and what this package adds. From `webdataset` we take the 
 to read it, and a `SimpleShardList -> tarfile_to_samples` pipeline to check whole shards.
 WebDataset's own node/worker splitting hands out whole shards and has no resumable position, so
 ranks can get unequal work, fewer shards than readers leaves readers idle, and a resume replays or
-skips data. Instead this module plans at the level of samples (`andy_dist.sampler`): every process
+skips data. Instead this module plans at the level of samples (`andy_dist.data.batch_plan`): every process
 derives the same epoch order and the same global batches from (seed, epoch, lengths index), takes its
-own rows, and reads them by seeking to the blocks that hold them (`andy_dist.shardset`). Hence:
+own rows, and reads them by seeking to the blocks that hold them (`andy_dist.data.shard_reader`). Hence:
 
 * Exactly once, disjoint: each step's G = M x A x W samples are a slice of a permutation of the train
   split, split into W x A micro-batches; a rank's micro-batch j (counting through the epoch) is built
@@ -29,7 +29,7 @@ own rows, and reads them by seeking to the blocks that hold them (`andy_dist.sha
 * Batches: right-padded with PAD; attention_mask 1 on real tokens; targets are the next tokens with
   PAD where there is none (padding, a sample's last token). Padding is low because micro-batches are
   length buckets of the global batch, and lower still with `bucket_window` > 1, which sorts windows
-  of several global batches (see `andy_dist.sampler`; `MicroBatch.padding_fraction` reports it).
+  of several global batches (see `andy_dist.data.batch_plan`; `MicroBatch.padding_fraction` reports it).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from andy_dist import PAD_ID, UserError
-from andy_dist.sampler import BatchPlanner, EpochOrder, SeqLenSchedule, StepPlan, validation_plan
-from andy_dist.shardset import ShardSet, open_shards
+from andy_dist.data.batch_plan import BatchPlanner, EpochOrder, SeqLenSchedule, StepPlan, validation_plan
+from andy_dist.data.shard_reader import ShardSet, open_shards
 
 __all__ = ["open_shards", "ShardSet", "SeqLenSchedule", "MicroBatch", "TrainStep", "TrainStream", "ValStream",
            "collate"]

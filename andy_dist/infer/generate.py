@@ -15,7 +15,7 @@ prompt + the tokens generated so far.
 
 Ensemble: several models sharing a tokenizer each keep their own cache; the next token is chosen
 from the mean of their log-probabilities (for one model, from its raw logits, so the repetition
-penalty's sign rule applies to logits as documented in `andy_dist.sampling`).
+penalty's sign rule applies to logits as documented in `andy_dist.infer.token_sampling`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from andy_dist import EOS_ID, PAD_ID, UserError
 from andy_dist.model import AndyLM, KVCache
-from andy_dist.sampling import SamplingConfig, mark_seen, next_token
+from andy_dist.infer.token_sampling import SamplingConfig, mark_seen, next_token
 
 Models = Union[AndyLM, Sequence[AndyLM]]
 
