@@ -148,10 +148,12 @@ class Block(nn.Module):
 
 
 class AndyLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False):
+        """`activation_checkpointing`: recompute each block's activations in backward instead of storing
+        them (a training setting: it changes memory and time, never the weights or the results)."""
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)

@@ -152,7 +152,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtype=None, int8_kernel="auto") -> AndyLM:
     """An eval-mode AndyLM from stored tensors; int8 layers become `Int8Linear`."""
-    cfg = ModelConfig.from_dict(info["model_config"]).replace(dropout=0.0, activation_checkpointing=False)
+    cfg = ModelConfig.from_dict(info["model_config"]).replace(dropout=0.0)
     quantized = info["quantization"]["scheme"] != "none"
     if dtype is None:
         dtype = DTYPES[info["quantization"]["float_dtype"]]

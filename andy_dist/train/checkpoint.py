@@ -25,12 +25,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as torch_dist
 
@@ -86,11 +86,12 @@ class Checkpoint:
 
 
 def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict, keep_last: int | None = None,
-         update_latest: bool = True) -> Path:
+         update_latest: bool = True, before_commit: Callable[[str], None] | None = None) -> Path:
     """Write a checkpoint on every rank; mark it complete and point `latest` at it on rank 0.
 
     All ranks must call this. `meta` describes the run (model config, precision, ...);
-    `trainer_state` must be JSON-serialisable.
+    `trainer_state` must be JSON-serialisable. `before_commit(tag)` runs on rank 0 between the ranks' files
+    and the meta (the fault tests kill the process there).
     """
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag
@@ -113,7 +114,8 @@ def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict
     _agree_saved(failure, ckpt_dir, tag)  # every rank's files are on disk before the checkpoint is declared complete
     if _rank() == 0:
         try:
-            _fault_in_save(tag)
+            if before_commit is not None:
+                before_commit(tag)
             full_meta = {**meta, "format": FORMAT_VERSION, "tag": tag, "saved_at": time.time(),
                          "trainer_state": trainer_state, "files": _tag_files(tag_dir)}
             _write_atomic(tag_dir / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True))
@@ -180,15 +182,6 @@ def _describe(err: Exception) -> str:
     else:
         text = str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__
     return text
-
-
-def _fault_in_save(tag: str) -> None:
-    """Fault injection for the reliability tests: ANDY_FAULT_KILL_IN_SAVE=TAG makes rank 0 die by SIGKILL
-    after every rank wrote DeepSpeed's files of TAG and before the meta marks it complete, the moment a
-    crash is hardest to tell from a finished save. A save takes milliseconds here, too short to hit
-    reliably with a signal from outside."""
-    if os.environ.get("ANDY_FAULT_KILL_IN_SAVE") == tag:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_best(engine, ckpt_dir: str | Path, trainer_state: dict, meta: dict) -> Path:

@@ -1,4 +1,8 @@
-"""The one place that imports DeepSpeed.
+"""The engine: the one module of the training path that calls into DeepSpeed's Python API.
+
+(The checkpoint code asks the engine to save and load, and runs DeepSpeed's universal-checkpoint
+converter as a separate process; export reads DeepSpeed's files with `torch.load(weights_only=True)`.
+Neither imports DeepSpeed, and nothing on the model or inference side does.)
 
 Reads a `ds_configs/*.json`, merges it with the batch maths and the optimisation settings of the
 run (AdamW, linear warmup then cosine, clipping), starts the process group from any launcher's
@@ -10,13 +14,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from andy_dist.cli import mark_distributed_process
-from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, TrainConfig
+from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, OptimSettings, ScheduleSettings
 from andy_dist.train.distenv import DistEnv, accelerator, export
 
 # Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
@@ -63,8 +68,8 @@ def ds_precision(ds: dict) -> str:
     return "fp32"
 
 
-def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: int, precision: str,
-                      zero_stage: int, load_universal: bool = False) -> dict:
+def resolve_ds_config(ds: dict, optim: OptimSettings, schedule: ScheduleSettings, plan: BatchPlan, total_steps: int,
+                      precision: str, zero_stage: int, load_universal: bool = False) -> dict:
     """The full DeepSpeed config for this run: the JSON's settings plus everything the run decides."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -72,7 +77,7 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: 
     merged["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     merged["gradient_accumulation_steps"] = plan.grad_accum
     merged["train_batch_size"] = plan.global_batch_size
-    merged["gradient_clipping"] = cfg.grad_clip
+    merged["gradient_clipping"] = optim.grad_clip
     merged["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
             "min_loss_scale": 1}  # loss_scale 0 = dynamic loss scaling
@@ -80,15 +85,16 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, plan: BatchPlan, total_steps: 
     merged["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage}
     merged["optimizer"] = {
         "type": "AdamW",
-        "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8, "weight_decay": cfg.weight_decay,
+        "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8, "weight_decay": optim.weight_decay,
                    # torch's AdamW (fused kernel on CUDA): DeepSpeed's FusedAdam would be JIT-compiled with
                    # nvcc at the first launch (minutes, and a CUDA toolkit on every node) for no speed gain.
                    "torch_adam": True, "fused": accelerator() == "cuda"},
     }
     merged["scheduler"] = {
         "type": "WarmupCosineLR",
-        "params": {"total_num_steps": max(total_steps, cfg.warmup_steps + 1), "warmup_num_steps": cfg.warmup_steps,
-                   "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio,
+        "params": {"total_num_steps": max(total_steps, schedule.warmup_steps + 1),
+                   "warmup_num_steps": schedule.warmup_steps, "warmup_min_ratio": 0.0,
+                   "cos_min_ratio": schedule.min_lr_ratio,
                    # DeepSpeed warms up logarithmically by default; the specification asks for linear.
                    "warmup_type": "linear"},
     }
@@ -164,27 +170,12 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
     params = list(module.parameters())
     gather = engine.zero_optimization_stage() == 3
-    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else _nullcontext()
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if gather else nullcontext()
     with context:
         if rank != 0:
             return None
         return {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
-
-
-def set_lr(engine, lr: float) -> None:
-    """Set the learning rate of every parameter group for the next optimizer step only (the schedule
-    sets it again after the step). Used to skip a step without moving the weights."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr

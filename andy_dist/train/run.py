@@ -1,27 +1,46 @@
-"""From command-line arguments to a running Trainer: resolve, check, build, resume, fit.
+"""From command-line arguments to a running Trainer, in named steps:
 
-Everything that can be checked without starting the process group (config keys, model size,
-batch maths, shards against tokenizer and vocabulary, precision on this device) is checked
-first, so a mistake costs seconds, not a GPU allocation. `--dry-run` stops right there and
-prints the resolved plan.
+    plan_run           arguments + environment -> RunPlan (settings, size, batch maths, precision); no I/O
+    open_data          tokenizer and shards, checked against the model -> the training and validation streams
+    find_resume_point  --resume -> the vetted checkpoint to continue from (converted when the ranks changed)
+    build_engine       the model inside the DeepSpeed engine, loaded from that checkpoint
+    build_trainer      logger, MFU meter, training samples -> the Trainer
+    fit_and_shut_down  train, leave the process group in step, say how it ended
+
+Everything that can be checked without starting the process group (config keys, model size, batch
+maths, shards against tokenizer and vocabulary, precision on this device) is checked first, so a
+mistake costs seconds, not a GPU allocation. `--dry-run` stops right after the plan and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from andy_dist import UserError
-from andy_dist.train import checkpoint as ckpt
 from andy_dist.cli import check_output_path
 from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
                               resolve_batch)
+from andy_dist.data.batch_plan import SeqLenSchedule
+from andy_dist.data.shard_reader import ShardSet, open_shards
+from andy_dist.data.stream import TrainStream, ValStream
+from andy_dist.data.tokenizer import Tokenizer
+from andy_dist.model import AndyLM
+from andy_dist.train import checkpoint as ckpt
+from andy_dist.train import engine as ds_engine
 from andy_dist.train.distenv import DistEnv, accelerator, detect
-from andy_dist.train.engine import ds_precision, load_ds_config, model_size
+from andy_dist.train.faults import FaultHooks
+from andy_dist.train.flops import MfuMeter
+from andy_dist.train.metrics import MetricsLogger
+from andy_dist.train.samples import TrainingSamples
+from andy_dist.train.step import StepRunner
+from andy_dist.train.trainer import Checkpoints, Monitor, TrainData, Trainer, TrainingStopped, TrainState
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +74,7 @@ class RunPlan:
     batch: BatchPlan
     precision: str
     zero_stage: int
+    activation_checkpointing: bool
     ds: dict
     device: str
     requested_micro: int
@@ -67,13 +87,14 @@ class RunPlan:
             f"device          {self.device}",
             f"model           {self.size}: vocab {self.model.vocab_size}, d {self.model.d_model}, "
             f"{self.model.n_heads} heads, {self.model.n_layers} layers, activation checkpointing "
-            f"{'on' if self.model.activation_checkpointing else 'off'}",
+            f"{'on' if self.activation_checkpointing else 'off'}",
             f"precision       {self.precision}, ZeRO stage {self.zero_stage}",
             f"micro-batch     {b.micro_batch_size} sequences per rank"
             + (f" (lowered from {self.requested_micro} so the global batch fits the range)"
                if self.requested_micro != b.micro_batch_size else ""),
             f"accumulation    {b.grad_accum} micro-batches per step",
-            f"global batch    {b.global_batch_size} sequences = {b.micro_batch_size} x {b.grad_accum} x {b.world_size} ranks",
+            f"global batch    {b.global_batch_size} sequences = {b.micro_batch_size} x {b.grad_accum} x "
+            f"{b.world_size} ranks",
         ])
 
 
@@ -82,31 +103,198 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     dist = detect(env)
     cfg = load_train_config(args.config, args.overrides, max_steps=args.max_steps, seed=args.seed, size=args.size,
                             wandb=args.wandb)
-    ds, andy = load_ds_config(args.ds_config)
-    size = model_size(args.ds_config, andy, cfg.size)
-    precision = cfg.precision or ds_precision(ds)
-    zero_stage = cfg.zero_stage if cfg.zero_stage is not None else int(ds.get("zero_optimization", {}).get("stage", 0))
-    micro = cfg.micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
+    ds, andy = ds_engine.load_ds_config(args.ds_config)
+    size = ds_engine.model_size(args.ds_config, andy, cfg.size)
+    engine_cfg = cfg.engine
+    precision = engine_cfg.precision or ds_engine.ds_precision(ds)
+    zero_stage = (engine_cfg.zero_stage if engine_cfg.zero_stage is not None
+                  else int(ds.get("zero_optimization", {}).get("stage", 0)))
+    micro = cfg.data.micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
     if not isinstance(micro, int) or micro < 1:
         raise ConfigError(f"{args.ds_config} needs train_micro_batch_size_per_gpu (or set micro_batch_size=N)")
-    batch = resolve_batch(size, dist.world_size, micro, cfg.global_batch_size)
-    checkpointing = cfg.activation_checkpointing
+    batch = resolve_batch(size, dist.world_size, micro, cfg.data.global_batch_size)
+    checkpointing = engine_cfg.activation_checkpointing
     if checkpointing is None:
         checkpointing = bool(andy.get("activation_checkpointing", False))
-    model = model_config(size, **{**cfg.model, "activation_checkpointing": checkpointing})
     device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
-    return RunPlan(dist, cfg, size, model, batch, precision, zero_stage, ds, device, micro)
+    return RunPlan(dist, cfg, size, model_config(size, **cfg.model), batch, precision, zero_stage, checkpointing, ds,
+                   device, micro)
 
 
-def _tokenizer_for(args, data_dir: Path):
-    from andy_dist.data.tokenizer import Tokenizer
+# ---------------------------------------------------------------------------------------------
+# Data
 
-    path = Path(args.tokenizer) if args.tokenizer else data_dir / "tokenizer.model"
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    shards: ShardSet
+    stream: TrainStream
+    total_steps: int
+
+    def val_stream(self, plan: RunPlan) -> ValStream:
+        return ValStream(self.shards, plan.dist.rank, plan.dist.world_size,
+                         micro_batch_size=plan.batch.micro_batch_size, max_seq_len=plan.model.max_seq_len)
+
+
+def _tokenizer_for(tokenizer_arg: str | None, data_dir: Path) -> Tokenizer:
+    path = Path(tokenizer_arg) if tokenizer_arg else data_dir / "tokenizer.model"
     if not path.exists():
-        raise UserError(f"no tokenizer at {path}; pass --tokenizer DIR/tokenizer.model (the one the shards were made with)")
+        raise UserError(f"no tokenizer at {path}; pass --tokenizer DIR/tokenizer.model (the one the shards were "
+                        f"made with)")
     return Tokenizer.from_file(path)
+
+
+def open_data(data_arg: str, tokenizer_arg: str | None, plan: RunPlan) -> RunData:
+    """The tokenizer and the shards, checked against each other and the model; this rank's training stream."""
+    data_dir = Path(data_arg)
+    tokenizer = _tokenizer_for(tokenizer_arg, data_dir)
+    shards = open_shards(data_dir, tokenizer=tokenizer)
+    if shards.vocab_size > plan.model.vocab_size:
+        raise ConfigError(f"the shards use a {shards.vocab_size}-piece tokenizer but the {plan.size} model has "
+                          f"vocab_size {plan.model.vocab_size}: set model.vocab_size={shards.vocab_size} or train "
+                          f"the tokenizer with --vocab-size {plan.model.vocab_size}")
+    data, dist = plan.cfg.data, plan.dist
+    schedule = (SeqLenSchedule(start=data.seq_len_start, end=plan.model.max_seq_len, ramp_steps=data.seq_len_ramp_steps)
+                if data.seq_len_start else None)
+    stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size,
+                         micro_batch_size=plan.batch.micro_batch_size, grad_accum=plan.batch.grad_accum,
+                         seed=plan.cfg.seed, num_workers=data.num_workers, seq_len_schedule=schedule,
+                         max_seq_len=plan.model.max_seq_len, max_tokens_per_micro_batch=data.max_tokens_per_micro_batch,
+                         bucket_window=data.bucket_window)
+    loop = plan.cfg.loop
+    return RunData(tokenizer, shards, stream, loop.max_steps or stream.steps_per_epoch * loop.max_epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume point and engine
+
+
+@dataclass
+class ResumePoint:
+    checkpoint: ckpt.Checkpoint
+    load_tag: str | None  # the universal conversion's tag when the number of ranks changed
+    universal: bool
+
+
+def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoint | None:
+    """The checkpoint to continue from, checked against this run and vetted before DeepSpeed unpickles it."""
+    if not resume:
+        return None
+    found = ckpt.find_resume(ckpt_dir)
+    if found is None:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
+        return None
+    saved = found.meta.get("model_config")
+    if not isinstance(saved, dict) or ModelConfig.from_dict(saved) != plan.model:
+        raise ConfigError(f"checkpoint {found.path} was saved for model {found.meta.get('model_config')}, "
+                          f"but this run builds {plan.model.to_dict()}; use the same size and model.* settings")
+    if found.meta.get("global_batch_size") != plan.batch.global_batch_size:
+        raise ConfigError(f"checkpoint {found.path} was trained with global batch "
+                          f"{found.meta.get('global_batch_size')}; this run resolves to "
+                          f"{plan.batch.global_batch_size}: set global_batch_size={found.meta.get('global_batch_size')}")
+    ckpt.verify_checkpoint_files(found.path)  # DeepSpeed unpickles with weights_only=False: vet the files first
+    universal = ckpt.needs_universal(found, plan.dist.world_size)
+    load_tag = ckpt.convert_to_universal(found) if universal else None
+    return ResumePoint(found, load_tag, universal)
+
+
+def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, faults: FaultHooks):
+    """The model inside the DeepSpeed engine, and the trainer's state (both from the checkpoint on a resume)."""
+    cfg = plan.cfg
+    ds_config = ds_engine.resolve_ds_config(plan.ds, cfg.optim, cfg.schedule, plan.batch,
+                                            cfg.schedule.lr_decay_steps or data.total_steps, plan.precision,
+                                            plan.zero_stage, load_universal=resume is not None and resume.universal)
+    torch.manual_seed(cfg.seed)
+    model = AndyLM(plan.model, activation_checkpointing=plan.activation_checkpointing)
+    faults.install(model)
+    engine = ds_engine.build_engine(model, ds_config, cfg.optim.weight_decay)
+    if resume is None:
+        return engine, TrainState(), ds_config
+    ckpt.load(engine, resume.checkpoint, resume.load_tag)
+    state = TrainState(**resume.checkpoint.state)
+    data.stream.load_state_dict(state.data)
+    if plan.dist.is_main:
+        saved_world = resume.checkpoint.meta.get("world_size")
+        how = f" (universal checkpoint, {saved_world} -> {plan.dist.world_size} ranks)" if resume.universal else ""
+        print(f"resumed from {resume.checkpoint.path} at step {state.step}{how}", flush=True)
+    return engine, state, ds_config
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+
+
+def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_config: dict, out: Path,
+                  faults: FaultHooks) -> Trainer:
+    """Logger, MFU meter and training samples around the engine; the run's files in `out`."""
+    cfg, dist, device = plan.cfg, plan.dist, torch.device(plan.device)
+    ckpt_dir = out / "checkpoints"
+    run_meta = {"model_config": plan.model.to_dict(), "size": plan.size, "precision": plan.precision,
+                "zero_stage": plan.zero_stage, "world_size": dist.world_size,
+                "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": data.tokenizer.sha256,
+                "data": str(data.shards.dir), "seed": cfg.seed}
+    if dist.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
+    full_config = {"train": cfg.flat(), "model": plan.model.to_dict(), "deepspeed": ds_config, "run": run_meta,
+                   "data": {"dir": str(data.shards.dir), "train_samples": data.shards.num_samples("train"),
+                            "val_samples": data.shards.num_samples("val"),
+                            "steps_per_epoch": data.stream.steps_per_epoch}}
+    log = cfg.logging
+    logger = MetricsLogger(out, full_config, is_main=dist.is_main, wandb_mode=log.wandb, project=log.wandb_project,
+                           entity=log.wandb_entity, run_name=log.run_name or out.name, tags=log.wandb_tags,
+                           resume_id=state.wandb_run_id, total_steps=data.total_steps)
+    state.wandb_run_id = logger.wandb_run_id
+    # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
+    lengths = data.shards.lengths("train")
+    longest = int(lengths.max()) if len(lengths) else plan.model.max_seq_len
+    mfu_meter = MfuMeter(plan.model, min(longest, plan.model.max_seq_len), device, DTYPES[plan.precision])
+    samples = (TrainingSamples(cfg.samples, plan.model, data.tokenizer, device, cfg.seed)
+               if cfg.samples.prompts else None)
+    monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
+                      sample_interval=cfg.samples.interval, stall_report_s=cfg.engine.stall_report_s)
+    step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed)
+    trainer_data = TrainData(data.stream, lambda: data.val_stream(plan), data.total_steps,
+                             val_text_bytes=data.shards.text_bytes("val"))
+    trainer = Trainer(step, trainer_data, cfg.loop, monitor, Checkpoints(ckpt_dir, run_meta), state=state,
+                      faults=faults)
+    if dist.is_main:
+        print(plan.describe(), flush=True)
+        print(f"mfu             {mfu_meter.describe()}", flush=True)
+        print(f"data            {data.shards.num_samples('train')} train samples, {data.stream.steps_per_epoch} "
+              f"steps per epoch; {data.total_steps} steps planned", flush=True)
+    return trainer
+
+
+def fit_and_shut_down(trainer: Trainer, plan: RunPlan) -> int:
+    """Train; then every rank leaves the process group in step. Returns the exit status."""
+    is_main = plan.dist.is_main
+    try:
+        state = trainer.fit()
+    except TrainingStopped as stop:  # every rank stops at the same step, so the shutdown below is collective
+        if is_main:
+            print(str(stop), file=sys.stderr, flush=True)
+        ds_engine.shutdown_distributed()
+        return stop.exit_code
+    finally:
+        trainer.monitor.logger.close()
+    ds_engine.shutdown_distributed()
+    if is_main:
+        best = f"{state.best_val_loss:.4f} at step {state.best_step}" if state.best_val_loss is not None else "n/a"
+        print(f"done: step {state.step}, best validation loss {best}; checkpoints in "
+              f"{trainer.checkpoints.directory}", flush=True)
+    return 0
+
+
+def _cap_cuda_memory(plan: RunPlan) -> None:
+    """memory_cap_gb: make this process behave like a smaller card (to prove a config fits one)."""
+    cap, device = plan.cfg.engine.memory_cap_gb, torch.device(plan.device)
+    if cap and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), device)
 
 
 def train(argv: list[str] | None = None) -> int:
@@ -117,139 +305,12 @@ def train(argv: list[str] | None = None) -> int:
         return 0
     if not args.data:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
-    check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
-
-    from andy_dist.infer.export import verify_checkpoint_files
-    from andy_dist.data.stream import TrainStream, ValStream, SeqLenSchedule, open_shards
-    from andy_dist.train.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
-    from andy_dist.train.flops import MfuMeter
-    from andy_dist.train.metrics import MetricsLogger
-    from andy_dist.model import AndyLM
-    from andy_dist.train.trainer import Trainer, TrainingStopped, TrainState
-
-    cfg, dist = plan.cfg, plan.dist
-    data_dir = Path(args.data)
-    tokenizer = _tokenizer_for(args, data_dir)
-    shards = open_shards(data_dir, tokenizer=tokenizer)
-    if shards.vocab_size > plan.model.vocab_size:
-        raise ConfigError(f"the shards use a {shards.vocab_size}-piece tokenizer but the {plan.size} model has "
-                          f"vocab_size {plan.model.vocab_size}: set model.vocab_size={shards.vocab_size} or train "
-                          f"the tokenizer with --vocab-size {plan.model.vocab_size}")
-
-    device = torch.device(plan.device)
-    init_distributed(dist, timeout_s=cfg.dist_timeout_s)
-    if cfg.memory_cap_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb * 2**30 / total), device)
-    schedule = (SeqLenSchedule(start=cfg.seq_len_start, end=plan.model.max_seq_len, ramp_steps=cfg.seq_len_ramp_steps)
-                if cfg.seq_len_start else None)
-    stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
-                         grad_accum=plan.batch.grad_accum, seed=cfg.seed, num_workers=cfg.num_workers,
-                         seq_len_schedule=schedule, max_seq_len=plan.model.max_seq_len,
-                         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch, bucket_window=cfg.bucket_window)
-    total_steps = cfg.max_steps or stream.steps_per_epoch * cfg.max_epochs
-
-    out = Path(args.out)
-    ckpt_dir = out / "checkpoints"
-    resume_from, load_tag = None, None
-    if args.resume:
-        resume_from = ckpt.find_resume(ckpt_dir)
-        if resume_from is None:
-            print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
-        elif resume_from.meta.get("model_config") != plan.model.to_dict():
-            raise ConfigError(f"checkpoint {resume_from.path} was saved for model {resume_from.meta.get('model_config')}, "
-                              f"but this run builds {plan.model.to_dict()}; use the same size and model.* settings")
-        elif resume_from.meta.get("global_batch_size") != plan.batch.global_batch_size:
-            raise ConfigError(f"checkpoint {resume_from.path} was trained with global batch "
-                              f"{resume_from.meta.get('global_batch_size')}; this run resolves to "
-                              f"{plan.batch.global_batch_size}: set global_batch_size={resume_from.meta.get('global_batch_size')}")
-    if resume_from is not None:  # DeepSpeed unpickles with weights_only=False: vet the files first
-        verify_checkpoint_files(resume_from.path)
-    universal = resume_from is not None and ckpt.needs_universal(resume_from, dist.world_size)
-    if universal:
-        load_tag = ckpt.convert_to_universal(resume_from)
-
-    ds_config = resolve_ds_config(plan.ds, cfg, plan.batch, cfg.lr_decay_steps or total_steps, plan.precision, plan.zero_stage,
-                                  load_universal=universal)
-    torch.manual_seed(cfg.seed)
-    engine = build_engine(AndyLM(plan.model), ds_config, cfg.weight_decay)
-    state = TrainState()
-    if resume_from is not None:
-        ckpt.load(engine, resume_from, load_tag)
-        state = TrainState(**resume_from.state)
-        stream.load_state_dict(state.data)
-        if dist.is_main:
-            print(f"resumed from {resume_from.path} at step {state.step}"
-                  f"{' (universal checkpoint, ' + str(resume_from.meta.get('world_size')) + ' -> ' + str(dist.world_size) + ' ranks)' if universal else ''}",
-                  flush=True)
-
-    run_meta = {"model_config": plan.model.to_dict(), "size": plan.size, "precision": plan.precision,
-                "zero_stage": plan.zero_stage, "world_size": dist.world_size,
-                "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": tokenizer.sha256,
-                "data": str(data_dir), "seed": cfg.seed}
-    if dist.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes)
-    full_config = {"train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-                   "model": plan.model.to_dict(), "deepspeed": ds_config, "run": run_meta,
-                   "data": {"dir": str(data_dir), "train_samples": shards.num_samples("train"),
-                            "val_samples": shards.num_samples("val"), "steps_per_epoch": stream.steps_per_epoch}}
-    logger = MetricsLogger(out, full_config, is_main=dist.is_main, wandb_mode=cfg.wandb, project=cfg.wandb_project,
-                           entity=cfg.wandb_entity, run_name=cfg.run_name or out.name, tags=cfg.wandb_tags,
-                           resume_id=state.wandb_run_id, total_steps=total_steps)
-    state.wandb_run_id = logger.wandb_run_id
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
-    # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
-    longest = int(shards.lengths("train").max()) if shards.num_samples("train") else plan.model.max_seq_len
-    mfu_meter = MfuMeter(plan.model, min(longest, plan.model.max_seq_len), device, dtype)
-    trainer = Trainer(
-        engine, stream, lambda: ValStream(shards, dist.rank, dist.world_size, micro_batch_size=plan.batch.micro_batch_size,
-                                          max_seq_len=plan.model.max_seq_len),
-        cfg, plan.model, dist, device, logger, ckpt_dir, run_meta, plan.precision, plan.zero_stage, state=state,
-        sampler=(_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []))
-        if cfg.sample_prompts else None,
-        total_steps=total_steps, val_text_bytes=shards.text_bytes("val"),
-        mfu_meter=mfu_meter)
-    if dist.is_main:
-        print(plan.describe(), flush=True)
-        print(f"mfu             {mfu_meter.describe()}", flush=True)
-        print(f"data            {shards.num_samples('train')} train samples, {stream.steps_per_epoch} steps per epoch; "
-              f"{total_steps} steps planned", flush=True)
-    try:
-        trainer.fit()
-    except TrainingStopped as stop:  # every rank stops at the same step, so the shutdown below is collective
-        if dist.is_main:
-            print(str(stop), file=sys.stderr, flush=True)
-        shutdown_distributed()
-        return stop.exit_code
-    finally:
-        logger.close()
-    shutdown_distributed()
-    if dist.is_main:
-        best = f"{state.best_val_loss:.4f} at step {state.best_step}" if state.best_val_loss is not None else "n/a"
-        print(f"done: step {state.step}, best validation loss {best}; checkpoints in {ckpt_dir}", flush=True)
-    return 0
-
-
-def _make_sampler(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, device: torch.device):
-    """Rank 0's sample generator: a plain fp32 copy of the model continues the configured prompts."""
-    from andy_dist.infer.generate import SamplingConfig, generate
-    from andy_dist.model import AndyLM
-
-    sampling = SamplingConfig(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, top_p=cfg.sample_top_p)
-    holder: dict = {}
-
-    def sample(weights: dict | None, step: int) -> list[dict]:
-        if weights is None:
-            return []
-        if "model" not in holder:
-            holder["model"] = AndyLM(model_cfg.replace(activation_checkpointing=False)).to(device).eval()
-        model = holder["model"]
-        model.load_state_dict(weights)
-        prompts = [tokenizer.encode(p, bos=True) for p in cfg.sample_prompts]
-        outputs = generate(model, prompts, max_new_tokens=cfg.sample_max_new_tokens, sampling=sampling,
-                           seed=cfg.seed + step)
-        return [{"prompt": p, "completion": tokenizer.decode(o), "temperature": sampling.temperature,
-                 "top_k": sampling.top_k, "top_p": sampling.top_p} for p, o in zip(cfg.sample_prompts, outputs)]
-
-    return sample
+    out = check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
+    data = open_data(args.data, args.tokenizer, plan)
+    ds_engine.init_distributed(plan.dist, timeout_s=plan.cfg.engine.dist_timeout_s)
+    _cap_cuda_memory(plan)
+    faults = FaultHooks.from_env(plan.dist.rank)
+    resume = find_resume_point(args.resume, out / "checkpoints", plan)
+    engine, state, ds_config = build_engine(plan, data, resume, faults)
+    trainer = build_trainer(plan, data, engine, state, ds_config, out, faults)
+    return fit_and_shut_down(trainer, plan)

@@ -369,11 +369,11 @@ def test_a_stalled_rank_reports_where_every_rank_waits_and_the_run_goes_on(train
     result = train("torchrun", common(train_shards, tokenizer_path, tmp_path / "run", "--max-steps", 4,
                                       "stall_report_s=3"),
                    env=cpu_env(ANDY_FAULT_STALL="3:10"))
-    source = (ROOT / "andy_dist" / "trainer.py").read_text().splitlines()
-    stall_line = 1 + next(i for i, line in enumerate(source) if "time.sleep(self._stall_fault[1])" in line)
+    source = (ROOT / "andy_dist" / "train" / "faults.py").read_text().splitlines()
+    stall_line = 1 + next(i for i, line in enumerate(source) if "time.sleep(self.stall[1])" in line)
     rank0, rank1 = _stall_reports(result.stderr, 0, "step 2"), _stall_reports(result.stderr, 1, "step 2")
     assert rank0 and rank1, result.stderr[-5000:]
-    assert f'trainer.py", line {stall_line} in _fit' in rank0[0]  # where the (injected) stall sits
+    assert f'faults.py", line {stall_line} in before_step' in rank0[0]  # where the (injected) stall sits
     assert "all_reduce" in rank1[0]  # the healthy rank waits for its peer in the step's first collective
     assert len(rank0) == 1 and len(rank1) == 1  # once per stall
     assert "done: step 4" in result.stdout

@@ -41,9 +41,9 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1.0e-3\nwarmup_steps: 10\nsample_prompts: [Hi]\nmodel:\n  dropout: 0.0\n")
     cfg = load_train_config(str(path), ["lr=5e-4", "model.vocab_size=2000", "betas=[0.9, 0.95]"], max_steps=7)
-    assert cfg.lr == 5e-4 and cfg.warmup_steps == 10 and cfg.max_steps == 7
-    assert cfg.model == {"dropout": 0.0, "vocab_size": 2000} and cfg.betas == (0.9, 0.95)
-    assert cfg.sample_prompts == ("Hi",)
+    assert cfg.optim.lr == 5e-4 and cfg.schedule.warmup_steps == 10 and cfg.loop.max_steps == 7
+    assert cfg.model == {"dropout": 0.0, "vocab_size": 2000} and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.samples.prompts == ("Hi",)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -72,7 +72,7 @@ def test_every_shipped_ds_config_loads_and_resolves(root):
         ds, andy = load_ds_config(path)
         size = model_size(path, andy, None)
         plan = resolve_batch(size, 1, ds["train_micro_batch_size_per_gpu"])
-        merged = resolve_ds_config(ds, cfg, plan, total_steps=5000, precision="bf16", zero_stage=2)
+        merged = resolve_ds_config(ds, cfg.optim, cfg.schedule, plan, total_steps=5000, precision="bf16", zero_stage=2)
         assert merged["train_batch_size"] == plan.global_batch_size
         assert merged["scheduler"]["params"]["warmup_type"] == "linear"
         assert merged["scheduler"]["params"]["warmup_num_steps"] == 1000

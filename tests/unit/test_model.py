@@ -10,9 +10,9 @@ from andy_dist.model import AndyLM, KVCache, token_loss
 SMALL = ModelConfig(vocab_size=300, d_model=64, n_heads=4, n_layers=2, dropout=0.0)
 
 
-def make_model(cfg=SMALL, seed=0):
+def make_model(cfg=SMALL, seed=0, activation_checkpointing=False):
     torch.manual_seed(seed)
-    return AndyLM(cfg).eval()
+    return AndyLM(cfg, activation_checkpointing=activation_checkpointing).eval()
 
 
 # Counted by the code (untied head, the default); README explains the gap to the rounded sizes.
@@ -82,7 +82,7 @@ def test_activation_checkpointing_same_loss_and_gradients():
     targets = torch.roll(ids, -1, dims=1)
     results = []
     for checkpointing in (False, True):
-        model = make_model(cfg.replace(activation_checkpointing=checkpointing)).train()
+        model = make_model(cfg, activation_checkpointing=checkpointing).train()
         out = model(ids, targets=targets)
         out.loss_sum.backward()
         results.append((out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

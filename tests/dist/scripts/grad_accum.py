@@ -23,7 +23,7 @@ from andy_dist.data.stream import collate  # noqa: E402
 from andy_dist.train.distenv import detect  # noqa: E402
 from andy_dist.train.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
 from andy_dist.model import AndyLM  # noqa: E402
-from andy_dist.train.trainer import StepRunner  # noqa: E402
+from andy_dist.train.step import StepResult, StepRunner  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_layers=2, dropout=0.0)
 LENGTHS = [5, 31, 12, 64, 7, 40, 3, 22]  # very different lengths: per-micro-batch means would weight them wrongly
@@ -48,15 +48,12 @@ def captured_gradient(micro: int, world: int, rank: int, device, dist, normalise
     accum = per_rank // micro
     engine = engine_for(micro, accum, world)
     batches = [collate(mine[i * micro:(i + 1) * micro], 10**6, range(micro)) for i in range(accum)]
-    grads = {}
-
-    def capture():
-        grads.update({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
-
     runner = StepRunner(engine, dist, device, "fp32", 0)
     if normalise_per_micro:  # the common mistake, to show the test can tell the difference
         runner = _PerMicroMean(engine, dist, device)
-    runner(batches, before_step=capture)
+    result = runner.forward_backward(batches)
+    grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()}  # what the optimizer sees
+    runner.apply(skipped=result.skipped)
     return grads
 
 
@@ -64,13 +61,13 @@ class _PerMicroMean(StepRunner):
     def __init__(self, engine, dist, device):
         super().__init__(engine, dist, device, "fp32", 0)
 
-    def __call__(self, micro_batches, before_step=None, **_):
+    def forward_backward(self, micro_batches, preempted=False):
         for index, mb in enumerate(micro_batches):
             out = self.engine(mb.input_ids, targets=mb.targets)
             self.engine.backward(out.loss_sum / out.target_tokens)
-            if index == len(micro_batches) - 1:
-                before_step()
-            self.engine.step()
+            if index < len(micro_batches) - 1:
+                self.engine.step()
+        return StepResult(0.0, 0, 0, 0, 0, skipped=False, preempt=False, seconds=0.0)
 
 
 def reference_gradient():
