@@ -7,8 +7,6 @@ import json
 import math
 import os
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -25,6 +23,7 @@ from andy_dist.train.metrics import (
     resolve_wandb_mode,
     validation_metrics,
 )
+from tests.launching import ROOT
 from tests.wandb_offline import read_offline_runs
 
 CONFIG = {"model": {"size": "tiny", "d_model": 128}, "data": {"seq_len": 128}, "deepspeed": {"zero": 2}, "train": {"lr": 3e-4}}
@@ -205,7 +204,7 @@ def test_memory_is_process_rss_on_cpu():
     code = ("import torch; from andy_dist.train.metrics import memory_gb; before = memory_gb('cpu'); "
             "block = torch.ones(64 * 2**20 // 4); print(memory_gb('cpu') - before)")
     grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 cwd=Path(__file__).resolve().parents[2]).stdout)
+                                 cwd=ROOT).stdout)
     assert 0.05 < grown < 0.2  # 64 MiB touched = 0.067 GB
 
 
