@@ -218,8 +218,8 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     import torch.distributed as dist
 
     from andy_dist.config import model_config
-    from andy_dist.train.flops import MfuMeter
     from andy_dist.model import AndyLM
+    from andy_dist.train.flops import MfuMeter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
