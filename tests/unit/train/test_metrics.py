@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -199,7 +200,6 @@ def test_memory_is_process_rss_on_cpu():
     # In a fresh process: in a long test session the allocator may hand back pages it already holds,
     # and the resident set would not grow.
     import subprocess
-    import sys
 
     code = ("import torch; from andy_dist.train.metrics import memory_gb; before = memory_gb('cpu'); "
             "block = torch.ones(64 * 2**20 // 4); print(memory_gb('cpu') - before)")
@@ -251,7 +251,15 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
             "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
         })
     log.close()
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave as the product's ranks do (andy_dist.cli.run_tool): gloo's threads can outlive
+    # destroy_process_group, and an interpreter torn down around them now and then aborts with
+    # SIGABRT ("terminate called without an active exception"), which mp.spawn reports as a failure.
+    # Everything this rank wrote is closed by now; an exception above still reaches mp.spawn as before.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_rank_cpu_run_logs_every_key_once(tmp_path):
