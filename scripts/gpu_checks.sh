@@ -17,7 +17,7 @@ SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
 
 stamp "1. GPU tests"
-timeout -k 10 ${PYTEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/unit/test_flops.py \
+timeout -k 10 ${PYTEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/unit/train/test_flops.py \
     2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -n 15
 
 stamp "2. medium bf16 through the engine"

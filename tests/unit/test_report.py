@@ -15,10 +15,10 @@ import torch
 
 from andy_dist import UserError
 from andy_dist.config import model_config
-from andy_dist.train.flops import MfuMeter
-from andy_dist.train.metrics import MetricsLogger, Throughput, memory_gb, validation_metrics
 from andy_dist.model import AndyLM
 from andy_dist.report import PLOTS, draw, load_run, load_runs, render
+from andy_dist.train.flops import MfuMeter
+from andy_dist.train.metrics import MetricsLogger, Throughput, memory_gb, validation_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

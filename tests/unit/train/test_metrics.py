@@ -6,8 +6,7 @@ import io
 import json
 import math
 import os
-
-from pathlib import Path
+import sys
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from andy_dist.train.metrics import (
     resolve_wandb_mode,
     validation_metrics,
 )
+from tests.launching import ROOT
 from tests.wandb_offline import read_offline_runs
 
 CONFIG = {"model": {"size": "tiny", "d_model": 128}, "data": {"seq_len": 128}, "deepspeed": {"zero": 2}, "train": {"lr": 3e-4}}
@@ -200,12 +200,11 @@ def test_memory_is_process_rss_on_cpu():
     # In a fresh process: in a long test session the allocator may hand back pages it already holds,
     # and the resident set would not grow.
     import subprocess
-    import sys
 
     code = ("import torch; from andy_dist.train.metrics import memory_gb; before = memory_gb('cpu'); "
             "block = torch.ones(64 * 2**20 // 4); print(memory_gb('cpu') - before)")
     grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                 cwd=Path(__file__).resolve().parents[2]).stdout)
+                                 cwd=ROOT).stdout)
     assert 0.05 < grown < 0.2  # 64 MiB touched = 0.067 GB
 
 
@@ -219,8 +218,8 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     import torch.distributed as dist
 
     from andy_dist.config import model_config
-    from andy_dist.train.flops import MfuMeter
     from andy_dist.model import AndyLM
+    from andy_dist.train.flops import MfuMeter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -252,7 +251,15 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
             "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
         })
     log.close()
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave as the product's ranks do (andy_dist.cli.run_tool): gloo's threads can outlive
+    # destroy_process_group, and an interpreter torn down around them now and then aborts with
+    # SIGABRT ("terminate called without an active exception"), which mp.spawn reports as a failure.
+    # Everything this rank wrote is closed by now; an exception above still reaches mp.spawn as before.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_rank_cpu_run_logs_every_key_once(tmp_path):

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from andy_dist import UserError
 from andy_dist.config import ModelConfig
-from andy_dist.model import AndyLM
 from andy_dist.infer.model_file import FORMAT_VERSION, load_model_file, read_header, save_model_file
+from andy_dist.model import AndyLM
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from andy_dist.config import SIZES
+from andy_dist.model import AndyLM
 from andy_dist.train.flops import (
     GPU_PEAKS,
     MfuMeter,
@@ -19,7 +20,6 @@ from andy_dist.train.flops import (
     mfu,
     peak_flops,
 )
-from andy_dist.model import AndyLM
 
 T = 128
 

@@ -1,4 +1,4 @@
-"""The training and validation streams (andy_dist.data.stream, andy_dist.data.batch_plan) on real shards.
+"""The training and validation streams (andy_dist.data.stream, planned by andy_dist.data.batch_plan) on real shards.
 
 Ranks are simulated here by building one stream per rank in this process (the stream needs no
 communication: every rank derives the same plan); tests/dist runs the same on 2 real processes.
@@ -18,11 +18,10 @@ import torch
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
 from andy_dist.config import SIZES
-from andy_dist.data.stream import SeqLenSchedule, TrainStream, ValStream, collate, open_shards
-from andy_dist.model import AndyLM
-from andy_dist.data.batch_plan import balanced_partition
 from andy_dist.data.corpus import read_documents
 from andy_dist.data.shard_writer import MANIFEST, write_shards
+from andy_dist.data.stream import SeqLenSchedule, TrainStream, ValStream, collate, open_shards
+from andy_dist.model import AndyLM
 
 torch.set_num_threads(1)
 
@@ -279,14 +278,6 @@ def test_token_budget_micro_batches(shards):
     assert len(rows) > 1  # short samples share a micro-batch with more rows
     with pytest.raises(UserError, match="max_tokens_per_micro_batch"):
         stream(shards, micro_batch_size=4, max_tokens_per_micro_batch=100)
-
-
-def test_balanced_partition():
-    lengths = np.array([2, 2, 2, 2, 2, 2, 10, 10])
-    bounds = balanced_partition(lengths, 2, budget=100)
-    assert bounds == [0, 6, 8]  # 6 x 2 = 12 and 2 x 10 = 20, not 4 x 2 / 4 x 10
-    assert balanced_partition(lengths, 4, budget=None) == [0, 2, 4, 6, 8]
-    assert len(balanced_partition(np.array([5] * 8), 8, budget=40)) == 9  # every part non-empty
 
 
 def test_sequence_length_schedule(shards):

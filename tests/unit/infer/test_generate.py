@@ -6,8 +6,8 @@ import torch
 from andy_dist import EOS_ID, PAD_ID, UserError
 from andy_dist.config import ModelConfig
 from andy_dist.infer.generate import generate, generate_text
-from andy_dist.model import AndyLM
 from andy_dist.infer.token_sampling import SamplingConfig
+from andy_dist.model import AndyLM
 
 GREEDY = SamplingConfig(temperature=0)
 
