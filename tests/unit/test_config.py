@@ -41,9 +41,9 @@ def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1.0e-3\nwarmup_steps: 10\nsample_prompts: [Hi]\nmodel:\n  dropout: 0.0\n")
     cfg = load_train_config(str(path), ["lr=5e-4", "model.vocab_size=2000", "betas=[0.9, 0.95]"], max_steps=7)
-    assert cfg.lr == 5e-4 and cfg.warmup_steps == 10 and cfg.max_steps == 7
-    assert cfg.model == {"dropout": 0.0, "vocab_size": 2000} and cfg.betas == (0.9, 0.95)
-    assert cfg.sample_prompts == ("Hi",)
+    assert cfg.optim.lr == 5e-4 and cfg.schedule.warmup_steps == 10 and cfg.loop.max_steps == 7
+    assert cfg.model == {"dropout": 0.0, "vocab_size": 2000} and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.samples.prompts == ("Hi",)
 
 
 @pytest.mark.parametrize("override,message", [
