@@ -29,6 +29,7 @@ from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
 from andy_dist.data.tokenizer import Tokenizer
+from andy_dist.infer.export import verify_checkpoint_files
 from andy_dist.model import AndyLM
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
@@ -195,7 +196,7 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
         raise ConfigError(f"checkpoint {found.path} was trained with global batch "
                           f"{found.meta.get('global_batch_size')}; this run resolves to "
                           f"{plan.batch.global_batch_size}: set global_batch_size={found.meta.get('global_batch_size')}")
-    ckpt.verify_checkpoint_files(found.path)  # DeepSpeed unpickles with weights_only=False: vet the files first
+    verify_checkpoint_files(found.path)  # DeepSpeed unpickles with weights_only=False: vet the files first
     universal = ckpt.needs_universal(found, plan.dist.world_size)
     load_tag = ckpt.convert_to_universal(found) if universal else None
     return ResumePoint(found, load_tag, universal)
