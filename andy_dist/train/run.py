@@ -120,7 +120,9 @@ def train(argv: list[str] | None = None) -> int:
     check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
 
     from andy_dist.infer.export import verify_checkpoint_files
-    from andy_dist.data.stream import TrainStream, ValStream, SeqLenSchedule, open_shards
+    from andy_dist.data.batch_plan import SeqLenSchedule
+    from andy_dist.data.shard_reader import open_shards
+    from andy_dist.data.stream import TrainStream, ValStream
     from andy_dist.train.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
     from andy_dist.train.flops import MfuMeter
     from andy_dist.train.metrics import MetricsLogger
