@@ -17,6 +17,7 @@ import torch
 
 from andy_dist import UserError
 from andy_dist.train import checkpoint as ckpt
+from andy_dist.train.checkpoint_format import verify_checkpoint_files
 from andy_dist.cli import check_output_path
 from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
                               resolve_batch)
@@ -119,7 +120,6 @@ def train(argv: list[str] | None = None) -> int:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
     check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
 
-    from andy_dist.infer.export import verify_checkpoint_files
     from andy_dist.data.batch_plan import SeqLenSchedule
     from andy_dist.data.shard_reader import open_shards
     from andy_dist.data.stream import TrainStream, ValStream
@@ -235,7 +235,8 @@ def train(argv: list[str] | None = None) -> int:
 
 def _make_sampler(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, device: torch.device):
     """Rank 0's sample generator: a plain fp32 copy of the model continues the configured prompts."""
-    from andy_dist.infer.generate import SamplingConfig, generate
+    from andy_dist.infer.generate import generate
+    from andy_dist.infer.token_sampling import SamplingConfig
     from andy_dist.model import AndyLM
 
     sampling = SamplingConfig(temperature=cfg.sample_temperature, top_k=cfg.sample_top_k, top_p=cfg.sample_top_p)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as torch_dist
 
 from andy_dist.train import checkpoint as ckpt
+from andy_dist.train.checkpoint_format import step_tag
 from andy_dist.config import ModelConfig, TrainConfig
 from andy_dist.train.distenv import DistEnv
 from andy_dist.train.engine import current_lr, full_state_dict
@@ -360,7 +361,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and signals
     def save(self) -> None:
         self.state.data = self.stream.state_dict()
-        ckpt.save(self.engine, self.ckpt_dir, ckpt.step_tag(self.state.step), asdict(self.state), self.run_meta,
+        ckpt.save(self.engine, self.ckpt_dir, step_tag(self.state.step), asdict(self.state), self.run_meta,
                   keep_last=self.cfg.keep_last)
         self._progress(f"checkpoint at step {self.state.step}")
 
