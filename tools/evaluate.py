@@ -71,7 +71,8 @@ def main() -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, tokenizer, info = load_model_file(args.model, device=resolve_device(args.device))
     if args.data:
-        from andy_dist.data.stream import ValStream, open_shards
+        from andy_dist.data.shard_reader import open_shards
+        from andy_dist.data.stream import ValStream
 
         shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=model.cfg.vocab_size, verify="size")
         stream = ValStream(shards, rank=0, world_size=1, micro_batch_size=args.batch_size,

@@ -33,17 +33,18 @@ def main() -> int:
     from andy_dist import UserError
     from andy_dist.cli import check_output_path
     from andy_dist.config import ModelConfig
-    from andy_dist.infer.export import load_checkpoint_weights, resolve_checkpoint
+    from andy_dist.infer.export import load_checkpoint_weights
     from andy_dist.infer.model_file import save_model_file
     from andy_dist.data.tokenizer import Tokenizer
+    from andy_dist.train.checkpoint_format import TOKENIZER_FILE, resolve_checkpoint
 
     dtype = args.dtype or "int8"
     check_output_path(args.output, "-o")  # before the minutes of reading a large checkpoint
     ckpt, _ = resolve_checkpoint(args.checkpoints, args.tag)
     state, meta = load_checkpoint_weights(args.checkpoints, args.tag)
-    tokenizer = Tokenizer.from_file(args.tokenizer or ckpt / "tokenizer.model")
+    tokenizer = Tokenizer.from_file(args.tokenizer or ckpt / TOKENIZER_FILE)
     if meta.get("tokenizer_sha256") and tokenizer.sha256 != meta["tokenizer_sha256"]:
-        raise UserError(f"tokenizer {args.tokenizer or ckpt / 'tokenizer.model'} is not the one this checkpoint "
+        raise UserError(f"tokenizer {args.tokenizer or ckpt / TOKENIZER_FILE} is not the one this checkpoint "
                         f"was trained with (sha256 differs); pass the run's tokenizer with --tokenizer")
     source = {k: meta.get(k) for k in ("checkpoint", "tag", "step", "zero_stage", "world_size", "precision")}
     path = save_model_file(args.output, state, ModelConfig.from_dict(meta["model_config"]), tokenizer, dtype=dtype,

@@ -1,4 +1,4 @@
-"""Open and check a shard set, and read its samples by id (the reading half of `andy_dist.data.shard_writer`).
+"""Open and check a shard set, and read its samples by id (the format: `andy_dist.data.shard_format`).
 
 `open_shards()` checks everything that can be checked before training starts and turns each
 problem into a `UserError` that names the file and the fix: a missing or malformed manifest, a
@@ -19,7 +19,6 @@ blocks at a time (see `andy_dist.data.batch_plan`).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ import webdataset as wds
 from webdataset.autodecode import npy_loads
 
 from andy_dist import UserError
-from andy_dist.data.shard_writer import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, block_key
+from andy_dist.data.shard_format import (LENGTHS_MEMBER, MANIFEST, REMAKE, SPLITS, TOKENS_MEMBER, block_key,
+                                         read_manifest)
 from andy_dist.data.tokenizer import Tokenizer
 
 VERIFY_LEVELS = ("size", "sha256", "full")
-_REMAKE = "re-create the shard set with tools/make_shards.py"
 
 
 @dataclass(frozen=True)
@@ -174,9 +173,9 @@ def _load_lengths(directory: Path, split_entry: dict, samples: int) -> np.ndarra
     try:
         lengths = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} is missing or unreadable ({err}); {_REMAKE}") from None
+        raise UserError(f"{path} is missing or unreadable ({err}); {REMAKE}") from None
     if lengths.shape != (samples,):
-        raise UserError(f"{path} holds {lengths.size} lengths, the manifest says {samples} samples; {_REMAKE}")
+        raise UserError(f"{path} holds {lengths.size} lengths, the manifest says {samples} samples; {REMAKE}")
     return lengths
 
 
@@ -201,58 +200,23 @@ def open_shards(
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     shard_set = ShardSet(directory, manifest)
     _check_tokenizer(shard_set, tokenizer, vocab_size)
     for split in SPLITS:
         if shard_set.num_samples(split) == 0 and (split == "train" or require_val):
             raise UserError(f"{directory / MANIFEST}: the {split} split is empty; "
                             f"{'add text to the input' if split == 'train' else 'make it with --val-fraction > 0'} "
-                            f"and {_REMAKE}")
+                            f"and {REMAKE}")
         for shard in shard_set.shards(split):
             _check_file(shard, verify)
         lengths = shard_set.lengths(split)
         if int(lengths.sum(dtype=np.int64)) != shard_set.tokens(split):
             raise UserError(f"{directory / shard_set._split(split)['lengths_file']} does not match the manifest's "
-                            f"token count for {split}; {_REMAKE}")
+                            f"token count for {split}; {REMAKE}")
         if verify == "full":
             _check_blocks(shard_set, split)
     return shard_set
-
-
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        hint = ""
-        if directory.with_name(directory.name + ".partial").exists():
-            hint = f" ({directory.name}.partial exists: an earlier make_shards run did not finish)"
-        if not directory.exists():
-            raise UserError(f"shard directory {directory} does not exist; make it with tools/make_shards.py "
-                            f"--out {directory}{hint}")
-        raise UserError(f"{path} is missing{hint}; {_REMAKE} --out {directory}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); {_REMAKE}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise UserError(f"{path} is not an andy-shards manifest; {_REMAKE}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path} has format version {manifest.get('version')}, this code reads "
-                        f"{FORMAT_VERSION}; {_REMAKE}")
-    try:
-        for key in ("sha256", "vocab_size"):
-            manifest["tokenizer"][key]
-        for split in SPLITS:
-            entry = manifest["splits"][split]
-            for key in ("samples", "tokens", "target_tokens", "text_bytes", "documents", "lengths_file", "shards"):
-                entry[key]
-            for shard in entry["shards"]:
-                for key in ("file", "samples", "tokens", "sha256", "bytes", "max_token_id", "blocks"):
-                    shard[key]
-        np.dtype(manifest["dtype"]), int(manifest["max_seq_len"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{path} is malformed (missing {err}); {_REMAKE}") from None
-    return manifest
 
 
 def _check_tokenizer(shard_set: ShardSet, tokenizer, vocab_size: int | None) -> None:
@@ -266,7 +230,7 @@ def _check_tokenizer(shard_set: ShardSet, tokenizer, vocab_size: int | None) -> 
                             f"or use the tokenizer they were made with")
         if tok.vocab_size != shard_set.vocab_size:
             raise UserError(f"{where} says vocab_size {shard_set.vocab_size} but the tokenizer has "
-                            f"{tok.vocab_size}; {_REMAKE}")
+                            f"{tok.vocab_size}; {REMAKE}")
     if vocab_size is not None and vocab_size != shard_set.vocab_size:
         raise UserError(f"{where}: the shards were made with a {shard_set.vocab_size}-piece vocabulary but the "
                         f"model has vocab_size {vocab_size}; set the model's vocab_size to the tokenizer's or "
@@ -276,19 +240,19 @@ def _check_tokenizer(shard_set: ShardSet, tokenizer, vocab_size: int | None) -> 
         for shard in shard_set.shards(split):
             if shard.max_token_id >= limit:
                 raise UserError(f"{shard.path} holds token id {shard.max_token_id}, outside the vocabulary of "
-                                f"{limit}; {_REMAKE} using the run's tokenizer")
+                                f"{limit}; {REMAKE} using the run's tokenizer")
 
 
 def _check_file(shard: ShardInfo, verify: str) -> None:
     if not shard.path.is_file():
-        raise UserError(f"shard {shard.path} is missing; restore it or {_REMAKE}")
+        raise UserError(f"shard {shard.path} is missing; restore it or {REMAKE}")
     size = shard.path.stat().st_size
     if size < shard.bytes:
         raise UserError(f"shard {shard.path} is truncated ({size} of {shard.bytes} bytes); "
-                        f"copy it again or {_REMAKE}")
+                        f"copy it again or {REMAKE}")
     if size != shard.bytes:
         raise UserError(f"shard {shard.path} has {size} bytes, the manifest says {shard.bytes}; "
-                        f"it was modified: copy it again or {_REMAKE}")
+                        f"it was modified: copy it again or {REMAKE}")
     if verify in ("sha256", "full"):
         digest = hashlib.sha256()
         with open(shard.path, "rb") as handle:
@@ -296,7 +260,7 @@ def _check_file(shard: ShardInfo, verify: str) -> None:
                 digest.update(data)
         if digest.hexdigest() != shard.sha256:
             raise UserError(f"shard {shard.path} is corrupt: its sha256 {digest.hexdigest()[:12]} does not match "
-                            f"the manifest's {shard.sha256[:12]}; copy it again or {_REMAKE}")
+                            f"the manifest's {shard.sha256[:12]}; copy it again or {REMAKE}")
 
 
 def _check_blocks(shard_set: ShardSet, split: str) -> None:
@@ -314,20 +278,20 @@ def _check_blocks(shard_set: ShardSet, split: str) -> None:
             for block in pipeline:
                 expected_key = block_key(block_number)
                 members = sorted(k for k in block if not k.startswith("__"))
-                if block.get("__key__") != expected_key or members != ["lengths.npy", "tokens.npy"]:
+                if block.get("__key__") != expected_key or members != sorted((LENGTHS_MEMBER, TOKENS_MEMBER)):
                     raise UserError(f"shard {shard.path} holds member(s) {block.get('__key__')!r} {members} where "
-                                    f"block {expected_key} (lengths.npy, tokens.npy) was expected; {_REMAKE}")
-                tokens = npy_loads(block["tokens.npy"])
-                block_lengths = npy_loads(block["lengths.npy"]).astype(np.int64)
+                                    f"block {expected_key} ({LENGTHS_MEMBER}, {TOKENS_MEMBER}) was expected; {REMAKE}")
+                tokens = npy_loads(block[TOKENS_MEMBER])
+                block_lengths = npy_loads(block[LENGTHS_MEMBER]).astype(np.int64)
                 n = len(block_lengths)
                 if (found >= len(shard.block_samples) or n != shard.block_samples[found]
                         or int(block_lengths.sum()) != tokens.size
                         or not np.array_equal(block_lengths, lengths[next_sample:next_sample + n])):
                     raise UserError(f"shard {shard.path} block {expected_key} does not match the manifest or "
-                                    f"the lengths file; {_REMAKE}")
+                                    f"the lengths file; {REMAKE}")
                 if tokens.size and int(tokens.max()) >= limit:
                     raise UserError(f"shard {shard.path} block {expected_key} holds token id {int(tokens.max())}, "
-                                    f"outside the vocabulary of {limit}; {_REMAKE} using the run's tokenizer")
+                                    f"outside the vocabulary of {limit}; {REMAKE} using the run's tokenizer")
                 next_sample += n
                 block_number += 1
                 found += 1
@@ -335,13 +299,13 @@ def _check_blocks(shard_set: ShardSet, split: str) -> None:
             raise
         except Exception as err:  # tarfile.ReadError, ValueError from a damaged npy, ...
             raise UserError(f"shard {shard.path} is corrupt or truncated ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}); copy it again or {_REMAKE}") from None
+                            f"{str(err).splitlines()[0] if str(err) else ''}); copy it again or {REMAKE}") from None
         if found != len(shard.block_samples):
             raise UserError(f"shard {shard.path} holds {found} blocks, the manifest says "
-                            f"{len(shard.block_samples)}; {_REMAKE}")
+                            f"{len(shard.block_samples)}; {REMAKE}")
     if next_sample != shard_set.num_samples(split):
         raise UserError(f"the {split} shards hold {next_sample} samples, {shard_set.dir / MANIFEST} says "
-                        f"{shard_set.num_samples(split)}; {_REMAKE}")
+                        f"{shard_set.num_samples(split)}; {REMAKE}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,19 +366,19 @@ class SampleReader:
                 members[suffix] = member["data"]
                 if len(members) == 2:
                     break
-            lengths = npy_loads(members["lengths.npy"]).astype(np.int64)
-            tokens = npy_loads(members["tokens.npy"])
+            lengths = npy_loads(members[LENGTHS_MEMBER]).astype(np.int64)
+            tokens = npy_loads(members[TOKENS_MEMBER])
         except OSError as err:
-            raise UserError(f"cannot read shard {path} ({err}); check the file or {_REMAKE}") from None
+            raise UserError(f"cannot read shard {path} ({err}); check the file or {REMAKE}") from None
         except Exception as err:
             raise UserError(f"shard {path} is corrupt at byte {offset} ({type(err).__name__}); "
-                            f"run open_shards(verify='full') to check it, and copy it again or {_REMAKE}") from None
+                            f"run open_shards(verify='full') to check it, and copy it again or {REMAKE}") from None
         if key != block_key(number) or len(lengths) != expected \
                 or int(lengths.sum()) != tokens.size:
-            raise UserError(f"shard {path} block at byte {offset} does not match the manifest; {_REMAKE}")
+            raise UserError(f"shard {path} block at byte {offset} does not match the manifest; {REMAKE}")
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             raise UserError(f"shard {path} holds token id {int(tokens.max())}, outside the vocabulary of "
-                            f"{self.vocab_size}; {_REMAKE} using the run's tokenizer")
+                            f"{self.vocab_size}; {REMAKE} using the run's tokenizer")
         self.blocks_read += 1
         starts = np.concatenate([[0], np.cumsum(lengths)])
         return tokens, starts

@@ -1,5 +1,6 @@
 """Corpus -> pre-tokenized WebDataset tar shards + manifest.json (the writing half of the data path).
 
+The format (names, block keys, dtype, manifest checks) lives in `andy_dist.data.shard_format`.
 Layout of a shard set `shards/NAME/`:
 
     train-000000.tar, train-000001.tar, ...   WebDataset tar shards of the training split
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -56,34 +56,15 @@ from tqdm import tqdm
 from andy_dist import BOS_ID, EOS_ID, UserError
 from andy_dist.cli import check_output_path
 from andy_dist.data.corpus import Document, iter_documents, resolve_inputs, total_bytes
+from andy_dist.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, LENGTHS_MEMBER, MANIFEST, SPLITS, TOKENS_MEMBER,
+                                         block_key, lengths_name, shard_name, token_dtype, write_manifest)
 from andy_dist.data.tokenizer import Tokenizer
 
-FORMAT_NAME = "andy-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
 SECTION_PIECES = 16
 """A document of more pieces than this is split between train and val in sections of this many pieces."""
 DEFAULT_BLOCK_TOKENS = 65536
 """Tokens per tar member (block): about 128 KiB of uint16, so one random read costs one seek."""
 _CHUNK_TEXT_BYTES = 64 * 1024  # documents are sent to worker processes in chunks of about this much text
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits (vocabularies up to 65,535 pieces), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def lengths_name(split: str) -> str:
-    return f"{split}-lengths.npy"
-
-
-def block_key(index: int) -> str:
-    return f"{index:08d}"
 
 
 def cut_lengths(total: int, max_seq_len: int) -> list[int]:
@@ -325,7 +306,7 @@ class SplitWriter:
         lengths = np.array([len(s) for s in self._block], dtype=np.uint32)
         tokens = np.concatenate(self._block).astype(self.dtype, copy=False)
         offset = self._tar.tarstream.offset  # where this block's first tar header starts
-        self._tar.write({"__key__": block_key(self._blocks_written), "lengths.npy": lengths, "tokens.npy": tokens})
+        self._tar.write({"__key__": block_key(self._blocks_written), LENGTHS_MEMBER: lengths, TOKENS_MEMBER: tokens})
         current = self._current
         current["blocks"].append([int(offset), len(lengths)])
         current["samples"] += len(lengths)
@@ -459,8 +440,7 @@ def write_shards(
             raise UserError(f"the validation split is empty: --val-fraction {val_fraction} of "
                             f"{split_rule.units} document section(s) rounds to 0; raise --val-fraction "
                             f"or add documents")
-        text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-        (partial / MANIFEST).write_text(text, encoding="utf-8")  # last: its presence marks a complete set
+        write_manifest(partial, manifest)  # last: its presence marks a complete set
         _replace_directory(partial, out)
     except BaseException:
         bar.close()

@@ -44,10 +44,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from andy_dist import PAD_ID, UserError
 from andy_dist.data.batch_plan import BatchPlanner, EpochOrder, SeqLenSchedule, StepPlan, validation_plan
-from andy_dist.data.shard_reader import ShardSet, open_shards
+from andy_dist.data.shard_reader import ShardSet
 
-__all__ = ["open_shards", "ShardSet", "SeqLenSchedule", "MicroBatch", "TrainStep", "TrainStream", "ValStream",
-           "collate"]
+__all__ = ["MicroBatch", "TrainStep", "TrainStream", "ValStream", "collate"]
 
 STATE_VERSION = 1
 

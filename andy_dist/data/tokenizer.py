@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
-from tqdm import tqdm
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
 from andy_dist.cli import atomic_path, check_output_path
@@ -73,6 +72,8 @@ def train_tokenizer(
         except UserError as err:  # SentencePiece would turn it into a RuntimeError with its own text
             counter["error"] = err
             raise
+
+    from tqdm import tqdm  # here, not at the top: reading shards needs `Tokenizer`, not this progress bar
 
     progress = tqdm(documents, desc="tokenizer: reading", unit="doc", mininterval=1.0)
     buffer = io.BytesIO()

@@ -17,13 +17,12 @@ Where the fp32 master weights live depends on the ZeRO stage:
     module's parameter order.
 This mirrors `deepspeed.utils.zero_to_fp32`, which we cannot call: it unpickles with
 `weights_only=False`. Here every file is read with `weights_only=True`, allowing only the few
-plain DeepSpeed classes its optimizer states hold (loss scaler, stage enum, fragment address).
+plain DeepSpeed classes its optimizer states hold (loss scaler, stage enum, fragment address):
+`andy_dist.train.checkpoint_format.load_safely`, which also holds the tag, `latest` and meta rules.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import math
 import re
 from pathlib import Path
@@ -33,90 +32,7 @@ import torch
 from andy_dist import UserError
 from andy_dist.config import ModelConfig
 from andy_dist.model import AndyLM
-
-META_FILE = "andy_meta.json"
-META_FORMAT = 1
-# The only non-tensor classes DeepSpeed puts in its checkpoint files (module, name).
-_DEEPSPEED_SAFE_GLOBALS = (
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"),
-)
-
-
-def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
-    """(checkpoints directory, tag directory name) for `path` (CKPT or a run directory holding
-    checkpoints/) and `tag` ("latest", "best" or a tag name)."""
-    ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise UserError(f"checkpoint directory {ckpt} does not exist; pass runs/NAME/checkpoints")
-    if not (ckpt / "latest").exists() and (ckpt / "checkpoints").is_dir():
-        ckpt = ckpt / "checkpoints"
-    if tag == "latest":
-        latest = ckpt / "latest"
-        if not latest.is_file():
-            raise UserError(f"{ckpt} has no 'latest' file; pass --tag with one of {available_tags(ckpt)}")
-        try:
-            tag = latest.read_bytes().decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise UserError(f"{latest} does not hold a tag name (damaged); pass --tag with one of "
-                            f"{available_tags(ckpt)}") from None
-        if not tag or "/" in tag or "\n" in tag or len(tag) > 200:
-            raise UserError(f"{latest} does not hold a tag name ({tag[:40]!r}); pass --tag with one of "
-                            f"{available_tags(ckpt)}")
-    if not (ckpt / tag).is_dir():
-        raise UserError(f"checkpoint tag {tag!r} is not in {ckpt}; available tags: {available_tags(ckpt)}")
-    return ckpt, tag
-
-
-def available_tags(ckpt: Path) -> list[str]:
-    return sorted(p.name for p in ckpt.iterdir() if (p / META_FILE).is_file()) if ckpt.is_dir() else []
-
-
-def read_meta(tag_dir: Path) -> dict:
-    path = tag_dir / META_FILE
-    if not path.is_file():
-        raise UserError(f"{tag_dir} has no {META_FILE}: it was not written by andy_dist's trainer "
-                        f"(or the save did not finish); choose another --tag")
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise UserError(f"{path} has no model_config; the checkpoint is damaged or not andy_dist's")
-    if meta.get("format") != META_FORMAT:
-        raise UserError(f"{path} has format {meta.get('format')!r}; this andy_dist reads format {META_FORMAT}")
-    return meta
-
-
-def _safe_globals() -> list:
-    found = []
-    for module, name in _DEEPSPEED_SAFE_GLOBALS:
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass  # an older/newer DeepSpeed without this class cannot have pickled it either
-    return found
-
-
-def _load(path: Path) -> dict:
-    """torch.load with weights_only=True and the DeepSpeed allow-list; a clear error otherwise."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable file
-        first = str(err).strip().splitlines()
-        detail = next((line.strip() for line in first if "Unsupported global" in line), first[0] if first else repr(err))
-        raise UserError(f"cannot read {path} safely: {detail}") from None
-
-
-def verify_checkpoint_files(tag_dir: str | Path) -> None:
-    """Check that every *.pt file of a checkpoint tag loads with weights_only=True (and the DeepSpeed
-    allow-list). DeepSpeed's own loader (`engine.load_checkpoint`, `ds_to_universal`) unpickles with
-    weights_only=False, so `--resume` calls this first: a file carrying code is refused, never run."""
-    for path in sorted(Path(tag_dir).rglob("*.pt")):
-        _load(path)
+from andy_dist.train.checkpoint_format import load_safely, read_meta, resolve_checkpoint
 
 
 def _rank_of(path: Path) -> int:
@@ -184,9 +100,9 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
     optim_files = sorted(tag_dir.glob("*optim_states.pt"), key=_rank_of)
     if not model_files:
         raise UserError(f"{tag_dir} holds no *model_states.pt: the checkpoint is incomplete")
-    model_states = _load(model_files[0])
+    model_states = load_safely(model_files[0])
     if optim_files:
-        optim = [_load(f)["optimizer_state_dict"] for f in optim_files]
+        optim = [load_safely(f)["optimizer_state_dict"] for f in optim_files]
         stage = int(optim[0]["zero_stage"])
         world = optim[0]["partition_count"]
         world = max(world) if isinstance(world, list) else int(world)

@@ -1,0 +1,31 @@
+"""Batches to checkpoints, in the order a run goes (each module's own docstring says more):
+
+    run                 command line -> a checked plan -> engine, data, resume point -> Trainer.fit
+    trainer             the training loop: steps, evaluation, checkpoints, early stopping, signals
+    engine              the DeepSpeed engine and the process group (DeepSpeed is imported inside its functions)
+    checkpoint          saving and resuming through the engine (atomic tags, rotation, universal conversion)
+    checkpoint_format   the checkpoint on disk: meta and its version rule, `latest`, tags, safe file loading
+    distenv             the launcher's environment (rank, world size, master) without DeepSpeed
+    metrics             W&B and metrics.jsonl logging, throughput, validation figures
+    flops               FLOPs per token and model FLOPs utilisation
+    watchdog            stack dumps of a stalled rank
+    linelog             an append-only line file that survives a full disk (metrics, samples)
+
+Names below are importable from the package (`from andy_dist.train import Trainer`), loaded on first
+use: importing the package imports neither DeepSpeed nor the engine.
+"""
+
+from andy_dist import lazy_exports as _lazy_exports
+
+__getattr__, __dir__, __all__ = _lazy_exports(__name__, {
+    "run": ("train",),
+    "trainer": ("Trainer", "TrainState", "TrainingStopped"),
+    "engine": ("build_engine", "init_distributed", "load_ds_config", "model_size", "resolve_ds_config",
+               "shutdown_distributed"),
+    "checkpoint_format": ("BEST_TAG", "LATEST_FILE", "META_FILE", "complete_tags", "read_latest", "read_meta",
+                          "resolve_checkpoint", "step_tag", "verify_checkpoint_files"),
+    "distenv": ("DistEnv", "detect"),
+    "metrics": ("METRIC_KEYS", "TRAIN_KEYS", "VAL_KEYS", "MetricsLogger"),
+    "flops": ("MfuMeter",),
+    "watchdog": ("StallReporter",),
+})

@@ -1,14 +1,8 @@
 """Saving and resuming training through the DeepSpeed engine, safely.
 
-Layout of `RUN/checkpoints/`:
-
-    latest               tag of the newest COMPLETE checkpoint (rewritten atomically, last)
-    step-000050/         DeepSpeed's files for that tag, then andy_meta.json written last
-    best/                the best checkpoint by validation loss (same layout)
-    tokenizer.model      the run's tokenizer, so a checkpoint folder is self-contained
-
-A tag is complete when its `andy_meta.json` exists: that file is written after every rank has
-finished writing, and lists every file of the tag with its size. A crash during a save
+The layout of `RUN/checkpoints/` and the meta are `andy_dist.train.checkpoint_format`. A tag is
+complete when its `andy_meta.json` exists: that file is written after every rank has finished
+writing, and lists every file of the tag with its size. A crash during a save
 therefore leaves a tag without meta, which `--resume` ignores, and `latest` still names the
 previous checkpoint. The meta also holds the trainer's state (step, data position, best loss,
 early-stopping counter, W&B id) as JSON, so resuming never depends on unpickling client state.
@@ -21,9 +15,7 @@ and loaded with `"checkpoint": {"load_universal": true}`.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,16 +27,8 @@ from typing import Callable
 import torch.distributed as torch_dist
 
 from andy_dist import UserError
-
-META_FILE = "andy_meta.json"
-LATEST_FILE = "latest"
-BEST_TAG = "best"
-FORMAT_VERSION = 1
-_STEP_TAG = re.compile(r"^step-(\d+)$")
-
-
-def step_tag(step: int) -> str:
-    return f"step-{step:06d}"
+from andy_dist.train.checkpoint_format import (BEST_TAG, META_FILE, check_file_sizes, complete_step_tags, read_latest,
+                                               read_meta, write_latest, write_meta)
 
 
 def _barrier() -> None:
@@ -54,20 +38,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _tag_files(tag_dir: Path) -> dict[str, int]:
-    return {str(p.relative_to(tag_dir)): p.stat().st_size
-            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META_FILE}
 
 
 @dataclass
@@ -116,11 +86,9 @@ def save(engine, ckpt_dir: str | Path, tag: str, trainer_state: dict, meta: dict
         try:
             if before_commit is not None:
                 before_commit(tag)
-            full_meta = {**meta, "format": FORMAT_VERSION, "tag": tag, "saved_at": time.time(),
-                         "trainer_state": trainer_state, "files": _tag_files(tag_dir)}
-            _write_atomic(tag_dir / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True))
+            write_meta(tag_dir, {**meta, "tag": tag, "saved_at": time.time(), "trainer_state": trainer_state})
             if update_latest:
-                _write_atomic(ckpt_dir / LATEST_FILE, tag + "\n")
+                write_latest(ckpt_dir, tag)
         except OSError as err:
             failure = err
     _agree_saved(failure, ckpt_dir, tag)
@@ -193,10 +161,7 @@ def save_best(engine, ckpt_dir: str | Path, trainer_state: dict, meta: dict) -> 
     save(engine, ckpt_dir, f"{BEST_TAG}.partial", trainer_state, meta, update_latest=False)
     if _rank() == 0:
         best, partial, old = ckpt_dir / BEST_TAG, ckpt_dir / f"{BEST_TAG}.partial", ckpt_dir / f"{BEST_TAG}.old"
-        meta_path = partial / META_FILE
-        data = json.loads(meta_path.read_text())
-        data["tag"] = BEST_TAG
-        _write_atomic(meta_path, json.dumps(data, indent=1, sort_keys=True))
+        write_meta(partial, {**read_meta(partial), "tag": BEST_TAG})
         if old.exists():
             shutil.rmtree(old)
         if best.exists():
@@ -210,7 +175,7 @@ def save_best(engine, ckpt_dir: str | Path, trainer_state: dict, meta: dict) -> 
 
 def rotate(ckpt_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete step checkpoints (never `best`, never `latest`)."""
-    complete = sorted(_complete_step_tags(ckpt_dir), key=lambda item: item[0])
+    complete = complete_step_tags(ckpt_dir)
     latest = read_latest(ckpt_dir)
     for _, tag in complete[:-keep_last]:
         if tag != latest:
@@ -218,48 +183,11 @@ def rotate(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
 
 
-def _complete_step_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
-    found = []
-    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
-        match = _STEP_TAG.match(path.name)
-        if match and (path / META_FILE).is_file():
-            found.append((int(match.group(1)), path.name))
-    return found
-
-
-def read_latest(ckpt_dir: Path) -> str | None:
-    path = Path(ckpt_dir) / LATEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return path.read_bytes().decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is corrupt (not text); write the tag to resume from into it, "
-                        f"e.g. step-000100") from None
-
-
 def load_meta(ckpt_dir: str | Path, tag: str) -> Checkpoint:
     """Read and verify a checkpoint's meta: every listed file present with its recorded size."""
     ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / tag / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"checkpoint {ckpt_dir / tag} is incomplete ({META_FILE} missing: the save did not finish); "
-                        f"resume from an earlier tag or delete it")
-    try:
-        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{meta_path} is corrupt (not JSON); resume from an earlier tag") from None
-    if meta.get("format", 0) > FORMAT_VERSION:
-        raise UserError(f"{meta_path} has format {meta['format']}, newer than this version reads ({FORMAT_VERSION}); "
-                        f"upgrade andy_dist")
-    for name, size in meta.get("files", {}).items():
-        path = ckpt_dir / tag / name
-        if not path.is_file():
-            raise UserError(f"checkpoint file {path} is missing; the checkpoint {tag} cannot be loaded "
-                            f"(restore the file or resume from another tag)")
-        if path.stat().st_size != size:
-            raise UserError(f"checkpoint file {path} is truncated or altered ({path.stat().st_size} bytes, "
-                            f"expected {size}); restore it or resume from another tag")
+    meta = read_meta(ckpt_dir / tag)
+    check_file_sizes(ckpt_dir / tag, meta)
     return Checkpoint(ckpt_dir, tag, meta)
 
 
@@ -271,7 +199,7 @@ def find_resume(ckpt_dir: str | Path) -> Checkpoint | None:
     latest = read_latest(ckpt_dir)
     if latest and (ckpt_dir / latest / META_FILE).is_file():
         return load_meta(ckpt_dir, latest)
-    complete = sorted(_complete_step_tags(ckpt_dir))
+    complete = complete_step_tags(ckpt_dir)
     return load_meta(ckpt_dir, complete[-1][1]) if complete else None
 
 

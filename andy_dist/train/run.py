@@ -29,11 +29,11 @@ from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
 from andy_dist.data.tokenizer import Tokenizer
-from andy_dist.infer.export import verify_checkpoint_files
 from andy_dist.model import AndyLM
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
 from andy_dist.train.distenv import DistEnv, accelerator, detect
+from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_files
 from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
 from andy_dist.train.metrics import MetricsLogger
@@ -239,7 +239,7 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
                 "data": str(data.shards.dir), "seed": cfg.seed}
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
+        (ckpt_dir / TOKENIZER_FILE).write_bytes(data.tokenizer.model_bytes)
     full_config = {"train": cfg.flat(), "model": plan.model.to_dict(), "deepspeed": ds_config, "run": run_meta,
                    "data": {"dir": str(data.shards.dir), "train_samples": data.shards.num_samples("train"),
                             "val_samples": data.shards.num_samples("val"),

@@ -17,6 +17,7 @@ import torch
 
 from andy_dist.config import LoopSettings
 from andy_dist.train import checkpoint as ckpt
+from andy_dist.train.checkpoint_format import step_tag
 from andy_dist.train.engine import current_lr, full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
 from andy_dist.train.metrics import Throughput, memory_gb, validation_metrics
@@ -243,7 +244,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and signals
     def save(self) -> None:
         self.state.data = self.data.stream.state_dict()
-        ckpt.save(self.engine, self.checkpoints.directory, ckpt.step_tag(self.state.step), asdict(self.state),
+        ckpt.save(self.engine, self.checkpoints.directory, step_tag(self.state.step), asdict(self.state),
                   self.checkpoints.run_meta, keep_last=self.loop.keep_last, before_commit=self.faults.before_commit)
         self._progress(f"checkpoint at step {self.state.step}")
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from andy_dist.data.corpus import read_documents
-from andy_dist.data.stream import open_shards
+from andy_dist.data.shard_reader import open_shards
 from andy_dist.data.shard_writer import write_shards
 
 pytestmark = pytest.mark.dist

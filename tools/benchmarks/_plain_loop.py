@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from andy_dist.cli import mark_distributed_process, run_tool  # noqa: E402
 from andy_dist.config import model_config  # noqa: E402
-from andy_dist.data.stream import TrainStream, open_shards  # noqa: E402
+from andy_dist.data.shard_reader import open_shards  # noqa: E402
+from andy_dist.data.stream import TrainStream  # noqa: E402
 from andy_dist.model import AndyLM  # noqa: E402
 
 

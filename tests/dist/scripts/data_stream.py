@@ -19,7 +19,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from andy_dist.cli import mark_distributed_process, run_tool  # noqa: E402
-from andy_dist.data.stream import TrainStream, ValStream, open_shards  # noqa: E402
+from andy_dist.data.shard_reader import open_shards  # noqa: E402
+from andy_dist.data.stream import TrainStream, ValStream  # noqa: E402
 
 
 def record(step) -> dict:

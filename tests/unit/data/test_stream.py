@@ -18,9 +18,12 @@ import torch
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
 from andy_dist.config import SIZES
+from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.corpus import read_documents
-from andy_dist.data.shard_writer import MANIFEST, write_shards
-from andy_dist.data.stream import SeqLenSchedule, TrainStream, ValStream, collate, open_shards
+from andy_dist.data.shard_format import MANIFEST
+from andy_dist.data.shard_reader import open_shards
+from andy_dist.data.shard_writer import write_shards
+from andy_dist.data.stream import TrainStream, ValStream, collate
 from andy_dist.model import AndyLM
 
 torch.set_num_threads(1)
