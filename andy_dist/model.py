@@ -105,7 +105,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask, is_causal: bool, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None, start: int = 0):
+    def forward(self, x, mask, is_causal: bool, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                start: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)

@@ -303,7 +303,8 @@ def samples_table(run: Run) -> str:
     rows = [s for step in steps for s in run.samples if s["step"] == step]
     settings = sorted({k for s in rows for k in s} - {"step", "prompt", "completion"})
     header = ["step", "prompt", "completion", *settings]
-    return _table(header, [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(s.get(k, "") for k in settings)] for s in rows])
+    return _table(header, [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(s.get(k, "") for k in settings)]
+                           for s in rows])
 
 
 def config_table(runs: list[Run]) -> str:
@@ -354,14 +355,16 @@ def render(runs: list[Run], out_html, title: Optional[str] = None) -> list[Path]
     names = [run.label for run in runs]
     figure_rows = list(final_figures(runs[0]))
     finals = _table(["", *names], [[row, *(final_figures(run)[row] for run in runs)] for row in figure_rows])
-    warnings = "".join(f"<p class=warn>{html.escape(run.label)}: {html.escape(w)}</p>" for run in runs for w in run.warnings)
+    warnings = "".join(f"<p class=warn>{html.escape(run.label)}: {html.escape(w)}</p>"
+                       for run in runs for w in run.warnings)
     samples = "".join(f"<h3>{html.escape(run.label)}</h3>{samples_table(run)}" for run in runs)
     title = title or "Andy-LLM training report: " + ", ".join(names)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class=muted>Runs: {html.escape(", ".join(str(run.path) for run in runs))}. Made from metrics.jsonl, samples.jsonl and config.json only.</p>
+<p class=muted>Runs: {html.escape(", ".join(str(run.path) for run in runs))}. Made from metrics.jsonl,
+samples.jsonl and config.json only.</p>
 {warnings}
 <h2>Final figures</h2>
 {finals}

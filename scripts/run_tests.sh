@@ -8,4 +8,6 @@ bash scripts/setup_env.sh
 # No GPU here: DeepSpeed must use its CPU accelerator; W&B never needs the network in tests.
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then export DS_ACCELERATOR=cpu; fi
 export WANDB_MODE=offline OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Lint first: a finding fails CI in seconds (settings in pyproject.toml).
+ruff check .
 exec python -m pytest -q -p no:cacheprovider "$@"

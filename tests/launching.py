@@ -52,7 +52,8 @@ def train(launcher: str, args: list[str], nproc: int = 2, timeout: int = 600, ch
     command = launcher_command(launcher, ROOT / "launch" / "train.py", nproc) + [str(a) for a in args]
     result = subprocess.run(command, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{launcher} training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(f"{launcher} training failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
     return result
 
 

@@ -91,7 +91,8 @@ def read_offline_runs(wandb_dir: Path) -> list[OfflineRun]:
                     run.config[item.key] = json.loads(item.value_json)
             elif kind == "history":
                 run.history.append(
-                    {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+                    {(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                     for item in record.history.item}
                 )
         runs.append(run)
     return runs

@@ -33,9 +33,9 @@ def main() -> int:
     from andy_dist import UserError
     from andy_dist.cli import check_output_path
     from andy_dist.config import ModelConfig
+    from andy_dist.data.tokenizer import Tokenizer
     from andy_dist.infer.export import load_checkpoint_weights
     from andy_dist.infer.model_file import save_model_file
-    from andy_dist.data.tokenizer import Tokenizer
     from andy_dist.train.checkpoint_format import TOKENIZER_FILE, resolve_checkpoint
 
     dtype = args.dtype or "int8"

@@ -28,8 +28,15 @@ import webdataset as wds
 from webdataset.autodecode import npy_loads
 
 from andy_dist import UserError
-from andy_dist.data.shard_format import (LENGTHS_MEMBER, MANIFEST, REMAKE, SPLITS, TOKENS_MEMBER, block_key,
-                                         read_manifest)
+from andy_dist.data.shard_format import (
+    LENGTHS_MEMBER,
+    MANIFEST,
+    REMAKE,
+    SPLITS,
+    TOKENS_MEMBER,
+    block_key,
+    read_manifest,
+)
 from andy_dist.data.tokenizer import Tokenizer
 
 VERIFY_LEVELS = ("size", "sha256", "full")

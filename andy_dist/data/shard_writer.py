@@ -16,13 +16,10 @@ the byte offset of each block's first tar header, so `andy_dist.data.shard_reade
 block instead of reading through a shard. Samples are numbered 0..N-1 per split in the order they
 were written; a block holds consecutive ids.
 
-Documents -> samples. Each input document (see `andy_dist.data.corpus`) is checked:
-  * empty or whitespace-only documents are dropped and counted;
-  * exact duplicates (same text, compared by a 128-bit BLAKE2 digest) are dropped and counted;
-  * the rest are encoded as `BOS ids EOS`. A sequence longer than `max_seq_len` is cut into
-    P = ceil(len / max_seq_len) consecutive pieces of nearly equal length (they differ by at most
-    one token), so there is never a tiny tail piece. No token is dropped or repeated: BOS begins
-    only the first piece and EOS ends only the last; the middle pieces start and end mid-text.
+Documents -> samples. Each input document (see `andy_dist.data.corpus`) is checked
+(`andy_dist.data.cleaning`: empty and exact-duplicate documents are dropped and counted), and the
+rest are encoded as `BOS ids EOS` and cut into pieces of at most `max_seq_len` tokens
+(`andy_dist.data.encoding`: nearly equal pieces, nothing dropped or repeated).
 
 Train/validation split: deterministic and by document. The k-th kept document goes to validation
 when floor((k+1) f) > floor(k f) for the validation fraction f, which spreads exactly floor(n f)
@@ -40,175 +37,45 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
-import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from andy_dist import BOS_ID, EOS_ID, UserError
+from andy_dist import UserError
 from andy_dist.cli import check_output_path
-from andy_dist.data.corpus import Document, iter_documents, resolve_inputs, total_bytes
-from andy_dist.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, LENGTHS_MEMBER, MANIFEST, SPLITS, TOKENS_MEMBER,
-                                         block_key, lengths_name, shard_name, token_dtype, write_manifest)
+from andy_dist.data.cleaning import CleaningStats, clean_documents
+from andy_dist.data.corpus import iter_documents, resolve_inputs, total_bytes
+from andy_dist.data.encoding import EncodedChunk, encode_chunks
+from andy_dist.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LENGTHS_MEMBER,
+    MANIFEST,
+    SPLITS,
+    TOKENS_MEMBER,
+    block_key,
+    lengths_name,
+    shard_name,
+    token_dtype,
+    write_manifest,
+)
 from andy_dist.data.tokenizer import Tokenizer
 
 SECTION_PIECES = 16
 """A document of more pieces than this is split between train and val in sections of this many pieces."""
 DEFAULT_BLOCK_TOKENS = 65536
 """Tokens per tar member (block): about 128 KiB of uint16, so one random read costs one seek."""
-_CHUNK_TEXT_BYTES = 64 * 1024  # documents are sent to worker processes in chunks of about this much text
-
-
-def cut_lengths(total: int, max_seq_len: int) -> list[int]:
-    """Lengths of the ceil(total / max_seq_len) nearly equal consecutive pieces of a sequence."""
-    pieces = max(1, math.ceil(total / max_seq_len))
-    base, extra = divmod(total, pieces)
-    return [base + 1] * extra + [base] * (pieces - extra)
-
-
-def piece_text_bytes(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of text each id stands for: byte pieces 1, control pieces 0, '▁' counts as a space.
-
-    Summed over a document's ids this equals the document's UTF-8 length, because the tokenizer is
-    lossless (identity normalisation, byte fallback); `_encode_chunk` checks that for every document.
-    """
-    sp = tokenizer.sp
-    table = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if sp.is_byte(i):
-            table[i] = 1
-        elif sp.is_control(i) or sp.is_unknown(i):
-            table[i] = 0
-        else:
-            table[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return table
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding in worker processes
-
-
-@dataclass
-class _EncodedChunk:
-    """The samples of a chunk of documents, packed into a few arrays (cheap to send between processes)."""
-
-    tokens: np.ndarray  # all pieces' tokens, concatenated
-    piece_lengths: np.ndarray  # (pieces,) tokens per piece
-    piece_bytes: np.ndarray  # (pieces,) UTF-8 text bytes each piece covers
-    doc_pieces: np.ndarray  # (docs,) pieces per document
-    doc_text_tokens: np.ndarray  # (docs,) tokens per document without BOS/EOS
-    doc_byte_fallback: np.ndarray  # (docs,) byte-fallback tokens per document
-
-
-class _Encoder:
-    """Tokenizer plus lookup tables; one per process."""
-
-    def __init__(self, model_bytes: bytes, max_seq_len: int):
-        self.tokenizer = Tokenizer(model_bytes)
-        self.max_seq_len = max_seq_len
-        self.dtype = token_dtype(self.tokenizer.vocab_size)
-        self.text_bytes = piece_text_bytes(self.tokenizer)
-        self.is_byte = np.array([self.tokenizer.sp.is_byte(i) for i in range(self.tokenizer.vocab_size)])
-
-    def encode_chunk(self, texts: Sequence[str]) -> _EncodedChunk:
-        tokens, piece_lengths, piece_bytes = [], [], []
-        doc_pieces, doc_text_tokens, doc_byte_fallback = [], [], []
-        # One thread per process: SentencePiece would otherwise use every core in each worker,
-        # and --workers would not mean what it says.
-        for text, ids in zip(texts, self.tokenizer.sp.encode(list(texts), num_threads=1)):
-            ids = np.asarray(ids, dtype=np.int64)
-            sequence = np.concatenate([[BOS_ID], ids, [EOS_ID]])
-            per_token_bytes = self.text_bytes[sequence]
-            if int(per_token_bytes.sum()) != len(text.encode("utf-8")):
-                raise UserError("the tokenizer does not reproduce the input text exactly (it normalises text), so "
-                                "text bytes and bits per byte would be wrong; train it with tools/train_tokenizer.py")
-            start = 0
-            lengths = cut_lengths(len(sequence), self.max_seq_len)
-            for length in lengths:
-                tokens.append(sequence[start:start + length].astype(self.dtype))
-                piece_bytes.append(int(per_token_bytes[start:start + length].sum()))
-                start += length
-            piece_lengths.extend(lengths)
-            doc_pieces.append(len(lengths))
-            doc_text_tokens.append(len(ids))
-            doc_byte_fallback.append(int(self.is_byte[ids].sum()))
-        return _EncodedChunk(
-            tokens=np.concatenate(tokens) if tokens else np.zeros(0, self.dtype),
-            piece_lengths=np.asarray(piece_lengths, dtype=np.int64),
-            piece_bytes=np.asarray(piece_bytes, dtype=np.int64),
-            doc_pieces=np.asarray(doc_pieces, dtype=np.int64),
-            doc_text_tokens=np.asarray(doc_text_tokens, dtype=np.int64),
-            doc_byte_fallback=np.asarray(doc_byte_fallback, dtype=np.int64),
-        )
-
-
-_WORKER_ENCODER: _Encoder | None = None
-
-
-def _init_worker(model_bytes: bytes, max_seq_len: int) -> None:
-    global _WORKER_ENCODER
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER_ENCODER = _Encoder(model_bytes, max_seq_len)
-
-
-def _encode_in_worker(texts: list[str]) -> _EncodedChunk:
-    assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode_chunk(texts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading, cleaning and splitting documents (main process, in input order)
-
-
-@dataclass
-class CleaningStats:
-    documents_in: int = 0
-    empty_dropped: int = 0
-    duplicates_dropped: int = 0
-    bytes_in: int = 0  # UTF-8 bytes of every input document, dropped ones included
-
-    @property
-    def documents_out(self) -> int:
-        return self.documents_in - self.empty_dropped - self.duplicates_dropped
-
-
-def clean_documents(documents: Iterable[Document], stats: CleaningStats) -> Iterator[str]:
-    """The texts of the documents that are neither empty nor exact duplicates of an earlier one."""
-    seen: set[bytes] = set()
-    for doc in documents:
-        data = doc.text.encode("utf-8")
-        stats.documents_in += 1
-        stats.bytes_in += len(data)
-        if not doc.text.strip():
-            stats.empty_dropped += 1
-            continue
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest in seen:
-            stats.duplicates_dropped += 1
-            continue
-        seen.add(digest)
-        yield doc.text
-
-
-def _chunks(texts: Iterable[str], progress: tqdm) -> Iterator[list[str]]:
-    chunk, size = [], 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        progress.update(len(text.encode("utf-8")))
-        if size >= _CHUNK_TEXT_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 class SplitRule:
@@ -368,6 +235,30 @@ def _replace_directory(partial: Path, final: Path) -> None:
         os.replace(partial, final)
 
 
+def _check_options(max_seq_len: int, shard_size_mb: float, workers: int | None) -> int:
+    """The options a run cannot start with; returns the number of encoding processes."""
+    if max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2 (BOS and one token), got {max_seq_len}")
+    if shard_size_mb <= 0:
+        raise UserError(f"--shard-size-mb must be positive, got {shard_size_mb}")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers} (leave it out to use every core)")
+    return workers
+
+
+def _check_not_empty(manifest: dict, cleaning: CleaningStats, split_rule: SplitRule, val_fraction: float) -> None:
+    if manifest["splits"]["train"]["samples"] == 0:
+        raise UserError(f"no training samples: {cleaning.documents_in} document(s) in, "
+                        f"{cleaning.empty_dropped} empty, {cleaning.duplicates_dropped} duplicates; "
+                        f"add text to the input")
+    if val_fraction > 0 and manifest["splits"]["val"]["samples"] == 0:
+        raise UserError(f"the validation split is empty: --val-fraction {val_fraction} of "
+                        f"{split_rule.units} document section(s) rounds to 0; raise --val-fraction "
+                        f"or add documents")
+
+
 def write_shards(
     inputs: Sequence[str | Path],
     tokenizer: str | Path | Tokenizer,
@@ -386,14 +277,7 @@ def write_shards(
     workers: encoding processes (default: every core); 1 encodes in this process.
     block_tokens: tokens per tar member; lowered automatically so a shard holds at least ~4 blocks.
     """
-    if max_seq_len < 2:
-        raise UserError(f"--max-seq-len must be at least 2 (BOS and one token), got {max_seq_len}")
-    if shard_size_mb <= 0:
-        raise UserError(f"--shard-size-mb must be positive, got {shard_size_mb}")
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers} (leave it out to use every core)")
+    workers = _check_options(max_seq_len, shard_size_mb, workers)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
     split_rule = SplitRule(val_fraction)
     files = resolve_inputs([str(p) for p in inputs])
@@ -412,34 +296,13 @@ def write_shards(
     bar = tqdm(total=total_bytes(files), unit="B", unit_scale=True, desc="make_shards", disable=not progress,
                mininterval=1.0)
     try:
-        chunks = _chunks(clean_documents(iter_documents(files), cleaning), bar)
-        if workers == 1:
-            encoder = _Encoder(tok.model_bytes, max_seq_len)
-            encoded = map(encoder.encode_chunk, chunks)
-            pool = None
-        else:
-            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                                  else "spawn")
-            pool = context.Pool(workers, initializer=_init_worker, initargs=(tok.model_bytes, max_seq_len))
-            encoded = pool.imap(_encode_in_worker, chunks)  # ordered: output independent of worker count
-        try:
-            for chunk in encoded:
-                _write_chunk(chunk, writers, split_rule)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        texts = clean_documents(iter_documents(files), cleaning)
+        for chunk in encode_chunks(texts, tok, max_seq_len, workers, bar):
+            _write_chunk(chunk, writers, split_rule)
         bar.close()
         manifest = _manifest(tok, dtype, max_seq_len, val_fraction, files, cleaning,
                              {split: w.finish() for split, w in writers.items()})
-        if manifest["splits"]["train"]["samples"] == 0:
-            raise UserError(f"no training samples: {cleaning.documents_in} document(s) in, "
-                            f"{cleaning.empty_dropped} empty, {cleaning.duplicates_dropped} duplicates; "
-                            f"add text to the input")
-        if val_fraction > 0 and manifest["splits"]["val"]["samples"] == 0:
-            raise UserError(f"the validation split is empty: --val-fraction {val_fraction} of "
-                            f"{split_rule.units} document section(s) rounds to 0; raise --val-fraction "
-                            f"or add documents")
+        _check_not_empty(manifest, cleaning, split_rule, val_fraction)
         write_manifest(partial, manifest)  # last: its presence marks a complete set
         _replace_directory(partial, out)
     except BaseException:
@@ -449,7 +312,7 @@ def write_shards(
     return manifest
 
 
-def _write_chunk(chunk: _EncodedChunk, writers: dict[str, SplitWriter], split_rule: SplitRule) -> None:
+def _write_chunk(chunk: EncodedChunk, writers: dict[str, SplitWriter], split_rule: SplitRule) -> None:
     """Append a chunk's documents to the splits, section by section, in input order."""
     # Plain Python ints: this loop runs once per piece in the main process, the serial part of the job.
     starts = np.concatenate([[0], np.cumsum(chunk.piece_lengths)]).tolist()

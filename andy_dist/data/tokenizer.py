@@ -22,6 +22,26 @@ SPECIAL_PIECES = {"pad": "[PAD]", "unk": "[UNK]", "bos": "[BOS]", "eos": "[EOS]"
 MAX_SENTENCE_BYTES = 4096
 
 
+# A lossless BPE: identity normalisation, spaces kept as they are, byte fallback for any character
+# outside the vocabulary, newline a piece of its own; the special ids are fixed.
+TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+    pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
+    bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    user_defined_symbols=["\n"],
+    max_sentence_length=MAX_SENTENCE_BYTES + 16,
+    shuffle_input_sentence=True,
+    minloglevel=2,
+)
+
+
 def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
     """Cut a line into pieces of at most `limit` UTF-8 bytes, at a space where there is one."""
     while len(line.encode("utf-8")) > limit:
@@ -81,24 +101,11 @@ def train_tokenizer(
         spm.SentencePieceTrainer.train(
             sentence_iterator=counted(training_sentences(progress)),
             model_writer=buffer,
-            model_type="bpe",
             vocab_size=vocab_size,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
-            bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
-            byte_fallback=True,
             character_coverage=character_coverage,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            user_defined_symbols=["\n"],
-            max_sentence_length=MAX_SENTENCE_BYTES + 16,
             input_sentence_size=sample_sentences,
-            shuffle_input_sentence=True,
             num_threads=threads,
-            minloglevel=2,
+            **TRAINER_OPTIONS,
         )
     except RuntimeError as err:
         if counter["error"] is not None:
@@ -116,13 +123,17 @@ def train_tokenizer(
         raise UserError("the input holds no text to train a tokenizer on (all documents are empty)")
     if counter["error"] is not None:
         raise counter["error"]
-    tokenizer = Tokenizer(buffer.getvalue())
-    model_path = out_dir / "tokenizer.model"
-    # Each file is complete or absent; an earlier tokenizer there is replaced only by a finished one.
+    return _write_model(Tokenizer(buffer.getvalue()), out_dir)
+
+
+def _write_model(tokenizer: "Tokenizer", out_dir: Path) -> Path:
+    """out_dir/tokenizer.vocab and tokenizer.model, each complete or absent: an earlier tokenizer there is
+    replaced only by a finished one."""
     with atomic_path(out_dir / "tokenizer.vocab") as tmp:
         with open(tmp, "w", encoding="utf-8") as vocab:
             for i in range(tokenizer.vocab_size):
                 vocab.write(f"{tokenizer.sp.id_to_piece(i)!r}\t{tokenizer.sp.get_score(i)}\n")
+    model_path = out_dir / "tokenizer.model"
     with atomic_path(model_path) as tmp:
         tmp.write_bytes(tokenizer.model_bytes)
     return model_path

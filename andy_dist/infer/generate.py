@@ -25,8 +25,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from andy_dist import EOS_ID, PAD_ID, UserError
-from andy_dist.model import AndyLM, KVCache
 from andy_dist.infer.token_sampling import SamplingConfig, mark_seen, next_token
+from andy_dist.model import AndyLM, KVCache
 
 Models = Union[AndyLM, Sequence[AndyLM]]
 
@@ -56,7 +56,7 @@ def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
     """(B, V) scores from each member's last-position logits (B, V)."""
     if len(logits) == 1:
         return logits[0].float()
-    return torch.stack([torch.log_softmax(l.float(), dim=-1) for l in logits]).mean(0)
+    return torch.stack([torch.log_softmax(lg.float(), dim=-1) for lg in logits]).mean(0)
 
 
 @torch.inference_mode()

@@ -27,8 +27,16 @@ from typing import Callable
 import torch.distributed as torch_dist
 
 from andy_dist import UserError
-from andy_dist.train.checkpoint_format import (BEST_TAG, META_FILE, check_file_sizes, complete_step_tags, read_latest,
-                                               read_meta, write_latest, write_meta)
+from andy_dist.train.checkpoint_format import (
+    BEST_TAG,
+    META_FILE,
+    check_file_sizes,
+    complete_step_tags,
+    read_latest,
+    read_meta,
+    write_latest,
+    write_meta,
+)
 
 
 def _barrier() -> None:

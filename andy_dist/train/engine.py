@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from andy_dist.cli import mark_distributed_process
-from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError, OptimSettings, ScheduleSettings
+from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError
 from andy_dist.train.distenv import DistEnv, accelerator, export
+from andy_dist.train.settings import OptimSettings, ScheduleSettings
 
 # Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
 # silently overridden, so it is refused instead.

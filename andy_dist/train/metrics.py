@@ -63,8 +63,8 @@ METRIC_KEYS: dict[str, str] = {
     "val/bad_evals": "evaluations without improvement",
     "val/patience": "early-stopping patience",
 }
-TRAIN_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("val/") and k not in ("train/loss_scale", "train/skipped_steps"))
 FP16_KEYS = ("train/loss_scale", "train/skipped_steps")
+TRAIN_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("val/") and k not in FP16_KEYS)
 VAL_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("val/"))
 NA = "n/a"
 
@@ -88,7 +88,8 @@ def perplexity(loss_nats_per_token: float) -> float:
     return math.exp(loss_nats_per_token) if loss_nats_per_token < 700 else math.inf
 
 
-def validation_metrics(loss: float, tokens: int, text_bytes: int, best_loss: float, bad_evals: int, patience: int) -> dict:
+def validation_metrics(loss: float, tokens: int, text_bytes: int, best_loss: float, bad_evals: int,
+                       patience: int) -> dict:
     """The standard `val/*` keys from the raw figures of one evaluation."""
     return {
         "val/loss": loss,
@@ -392,7 +393,8 @@ class MetricsLogger:
 
             extra = sorted({k for row in rows for k in row} - {"prompt", "completion"})
             columns = ["step", "prompt", "completion", *extra]
-            data = [[int(step), row["prompt"], row["completion"], *(_jsonable(row.get(k)) for k in extra)] for row in rows]
+            data = [[int(step), row["prompt"], row["completion"], *(_jsonable(row.get(k)) for k in extra)]
+                    for row in rows]
             self._run.log({"samples": wandb.Table(columns=columns, data=data), "step": int(step)})
 
     def close(self) -> None:

@@ -23,8 +23,7 @@ import torch
 
 from andy_dist import UserError
 from andy_dist.cli import check_output_path
-from andy_dist.config import (BatchPlan, ConfigError, ModelConfig, TrainConfig, load_train_config, model_config,
-                              resolve_batch)
+from andy_dist.config import BatchPlan, ConfigError, ModelConfig, model_config, resolve_batch
 from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
@@ -32,12 +31,13 @@ from andy_dist.data.tokenizer import Tokenizer
 from andy_dist.model import AndyLM
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
-from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_files
+from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
 from andy_dist.train.metrics import MetricsLogger
 from andy_dist.train.samples import TrainingSamples
+from andy_dist.train.settings import TrainConfig, load_train_config
 from andy_dist.train.step import StepRunner
 from andy_dist.train.trainer import Checkpoints, Monitor, TrainData, Trainer, TrainingStopped, TrainState
 
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wandb", choices=["online", "offline", "disabled"])
     parser.add_argument("--dry-run", action="store_true",
                         help="print rank/world/micro-batch/accumulation/global-batch for this environment and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    # Set by the deepspeed launcher.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -193,9 +194,9 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
         raise ConfigError(f"checkpoint {found.path} was saved for model {found.meta.get('model_config')}, "
                           f"but this run builds {plan.model.to_dict()}; use the same size and model.* settings")
     if found.meta.get("global_batch_size") != plan.batch.global_batch_size:
-        raise ConfigError(f"checkpoint {found.path} was trained with global batch "
-                          f"{found.meta.get('global_batch_size')}; this run resolves to "
-                          f"{plan.batch.global_batch_size}: set global_batch_size={found.meta.get('global_batch_size')}")
+        saved_batch = found.meta.get("global_batch_size")
+        raise ConfigError(f"checkpoint {found.path} was trained with global batch {saved_batch}; this run "
+                          f"resolves to {plan.batch.global_batch_size}: set global_batch_size={saved_batch}")
     verify_checkpoint_files(found.path)  # DeepSpeed unpickles with weights_only=False: vet the files first
     universal = ckpt.needs_universal(found, plan.dist.world_size)
     load_tag = ckpt.convert_to_universal(found) if universal else None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from andy_dist.config import ModelConfig, SampleSettings
+from andy_dist.config import ModelConfig
 from andy_dist.data.tokenizer import Tokenizer
 from andy_dist.infer.generate import generate
 from andy_dist.infer.token_sampling import SamplingConfig
 from andy_dist.model import AndyLM
+from andy_dist.train.settings import SampleSettings
 
 
 class TrainingSamples:

@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from andy_dist.config import LoopSettings
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train.checkpoint_format import step_tag
 from andy_dist.train.engine import current_lr, full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
 from andy_dist.train.metrics import Throughput, memory_gb, validation_metrics
+from andy_dist.train.settings import LoopSettings
 from andy_dist.train.step import StepResult, StepRunner
 from andy_dist.train.watchdog import StallReporter
 
@@ -169,13 +169,14 @@ class Trainer:
         window, self._window = self._window, []
         finite = [r.loss for r in window if math.isfinite(r.loss)]
         tokens_per_s = self.throughput.tokens_per_s
+        meter = self.monitor.mfu_meter
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
             "train/lr": current_lr(self.engine),
             "train/grad_norm": _grad_norm(self.engine),
             "train/tokens_per_s": tokens_per_s,
             "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
-            "train/mfu": (self.monitor.mfu_meter(tokens_per_s / self.dist.world_size) if self.monitor.mfu_meter else None) or "n/a",
+            "train/mfu": (meter(tokens_per_s / self.dist.world_size) if meter else None) or "n/a",
             "train/global_batch_seqs": self.checkpoints.run_meta["global_batch_size"],
             "train/global_batch_tokens": window[-1].input_tokens,
             "train/padding_fraction": (sum(r.padded_positions for r in window)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.launching import losses, metrics, traced_samples, train, cpu_env
+from tests.launching import cpu_env, losses, metrics, traced_samples, train
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

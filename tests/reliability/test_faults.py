@@ -118,7 +118,8 @@ class Job:
             for child in tree.get(todo.pop(), []):
                 todo.append(child)
                 rank = _rank_of(child)
-                if rank is not None and "train.py" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+                if rank is not None and "train.py" in cmdline:
                     found.setdefault(rank, child)  # the outermost process holding a rank is the rank
         return found
 
@@ -265,7 +266,8 @@ def test_sigterm_to_the_launcher_checkpoints_the_current_step(launcher, train_sh
     assert "SIGTERM: checkpoint saved at step " in text, text
     stopped = int(text.split("SIGTERM: checkpoint saved at step ")[1].split(";")[0])
     assert latest(run) == f"step-{stopped:06d}" and last_step(run) == stopped
-    assert json.loads((run / "checkpoints" / latest(run) / "andy_meta.json").read_text())["trainer_state"]["step"] == stopped
+    meta = json.loads((run / "checkpoints" / latest(run) / "andy_meta.json").read_text())
+    assert meta["trainer_state"]["step"] == stopped
 
 
 def test_job_script_requeues_after_a_preemption_checkpoint(train_shards, tokenizer_path, tmp_path, jobs):

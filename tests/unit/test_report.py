@@ -68,9 +68,10 @@ def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, se
             log.log(step, {
                 "train/loss": (out.loss_sum / out.target_tokens).item(), "train/lr": schedule.get_last_lr()[0],
                 "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s, "train/tokens_per_s_per_rank": tok_s,
-                "train/mfu": meter(tok_s), "train/global_batch_seqs": batch, "train/global_batch_tokens": batch * seq_len,
-                "train/padding_fraction": 0.0, "train/tokens_seen": throughput.tokens_seen, "train/epoch": 0,
-                "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
+                "train/mfu": meter(tok_s), "train/global_batch_seqs": batch,
+                "train/global_batch_tokens": batch * seq_len, "train/padding_fraction": 0.0,
+                "train/tokens_seen": throughput.tokens_seen, "train/epoch": 0, "sys/memory_gb": memory_gb("cpu"),
+                "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
             })
             if step % eval_every == 0 or step == steps:
                 model.eval()
@@ -83,8 +84,8 @@ def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, se
                 best = min(best, loss)
                 val_bytes = len(tokenizer.decode(val_ids[1 : n + 1].tolist()).encode("utf-8"))
                 log.log(step, validation_metrics(loss, n, val_bytes, best, bad, patience))
-                log.log_samples(step, [{"prompt": p, "completion": sample(model, tokenizer, p, 12, 0.8), "temperature": 0.8}
-                                       for p in ("def ", "import ")])
+                log.log_samples(step, [{"prompt": p, "completion": sample(model, tokenizer, p, 12, 0.8),
+                                        "temperature": 0.8} for p in ("def ", "import ")])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,9 @@ def test_overlaid_runs_have_distinct_curves(runs, tmp_path):
 
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     assert draw(PLOTS[0], load_runs(runs[:1]), one) and draw(PLOTS[0], load_runs(runs), two)
-    colours = lambda png: len({tuple(px) for px in matplotlib.image.imread(png)[::3, ::3, :3].reshape(-1, 3).round(2).tolist()})
+    def colours(png):
+        return len({tuple(px) for px in matplotlib.image.imread(png)[::3, ::3, :3].reshape(-1, 3).round(2).tolist()})
+
     assert colours(two) > colours(one)  # the second run adds its own colour
 
 
@@ -137,7 +140,8 @@ def test_real_run_figures_are_plausible(runs):
 def test_resumed_run_keeps_the_latest_value_per_step(tmp_path):
     lines = [{"step": 1, "train/loss": 5.0}, {"step": 2, "train/loss": 4.0}, {"step": 2, "train/loss": 3.5},
              {"step": 3, "train/loss": 3.0, "train/mfu": "n/a"}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines) + '{"step": 4, "train/lo')
+    truncated = '{"step": 4, "train/lo'
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + truncated)
     run = load_run(tmp_path)
     assert run.series("train/loss") == ([1, 2, 3], [5.0, 3.5, 3.0])
     assert run.series("train/mfu") == ([], [])
@@ -172,7 +176,8 @@ def test_cli_writes_report_and_fails_in_one_line(runs, tmp_path, root):
 def test_missing_metrics_are_said_not_drawn(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5.0 / s}) + "\n" for s in (1, 2, 3)))
+    rows = (json.dumps({"step": s, "train/loss": 5.0 / s}) + "\n" for s in (1, 2, 3))
+    (run_dir / "metrics.jsonl").write_text("".join(rows))
     pngs = render(load_runs([run_dir]), tmp_path / "r.html")
     assert [p.stem for p in pngs] == ["loss_vs_step"]  # no tokens_seen: no loss-vs-tokens plot either
     page = (tmp_path / "r.html").read_text()
@@ -193,5 +198,6 @@ def test_wandb_report_without_its_package_is_a_one_line_error_after_the_html(run
     result = subprocess.run([sys.executable, str(root / "tools/report.py"), *map(str, runs), "-o", str(out),
                              "--wandb-report"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --wandb-report needs the wandb-workspaces package: pip install wandb-workspaces"
+    expected = "error: --wandb-report needs the wandb-workspaces package: pip install wandb-workspaces"
+    assert result.stderr.strip() == expected
     assert out.is_file()

@@ -16,8 +16,17 @@ import numpy as np
 import pytest
 
 from andy_dist import UserError
-from andy_dist.data.shard_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, block_key, lengths_name,
-                                         read_manifest, shard_name, token_dtype, write_manifest)
+from andy_dist.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    block_key,
+    lengths_name,
+    read_manifest,
+    shard_name,
+    token_dtype,
+    write_manifest,
+)
 
 WRITER_ONLY = ("andy_dist.data.shard_writer", "multiprocessing.pool", "tqdm")
 

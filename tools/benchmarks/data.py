@@ -27,10 +27,10 @@ import torch
 from andy_dist.config import SIZES
 from andy_dist.data.corpus import read_documents, resolve_inputs, write_default_corpus
 from andy_dist.data.shard_reader import open_shards
-from andy_dist.data.stream import TrainStream
-from andy_dist.model import AndyLM
 from andy_dist.data.shard_writer import write_shards
+from andy_dist.data.stream import TrainStream
 from andy_dist.data.tokenizer import Tokenizer, train_tokenizer
+from andy_dist.model import AndyLM
 
 SHARED_CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
 MICRO_BATCH, SEQ_LEN = 16, 256

@@ -22,8 +22,8 @@ import torch
 
 from andy_dist.config import model_config
 from andy_dist.infer.generate import generate
-from andy_dist.model import AndyLM
 from andy_dist.infer.token_sampling import SamplingConfig
+from andy_dist.model import AndyLM
 
 GREEDY = SamplingConfig(temperature=0)
 PROMPT_LEN = 16
@@ -179,7 +179,7 @@ def _corpus_text() -> tuple[str, str]:
     shakespeare = Path(__file__).resolve().parents[2].parent / "shared" / "corpora" / "tinyshakespeare.txt"
     if shakespeare.exists():
         return shakespeare.read_text(encoding="utf-8"), "tinyshakespeare"
-    from andy_dist.data.corpus import write_default_corpus, read_documents
+    from andy_dist.data.corpus import read_documents, write_default_corpus
 
     path = write_default_corpus(Path(tempfile.mkdtemp()) / "stdlib.jsonl", max_bytes=1_000_000)
     return "\n".join(d.text for d in read_documents([str(path)])), "stdlib"
@@ -188,8 +188,8 @@ def _corpus_text() -> tuple[str, str]:
 def quality(args) -> dict:
     """Train a tiny model briefly, export fp32 / int8 / int8 with float embeddings, compare."""
     from andy_dist.data.corpus import Document
+    from andy_dist.data.tokenizer import Tokenizer, train_tokenizer
     from andy_dist.infer.model_file import load_model_file, save_model_file
-    from andy_dist.data.tokenizer import train_tokenizer, Tokenizer
     from tools.evaluate import evaluate_batches, text_batches
 
     text, name = _corpus_text()
@@ -224,8 +224,8 @@ def quality(args) -> dict:
                                quantize_embeddings=not float_embed)
         loaded, _, _ = load_model_file(path)
         result = evaluate_batches(loaded, text_batches(held, cfg.max_seq_len), held_bytes)
-        figures[label] = {"perplexity": round(result["perplexity"], 4), "bits_per_byte": round(result["bits_per_byte"], 4),
-                          "file_bytes": path.stat().st_size}
+        figures[label] = {"perplexity": round(result["perplexity"], 4),
+                          "bits_per_byte": round(result["bits_per_byte"], 4), "file_bytes": path.stat().st_size}
     base = figures["fp32"]
     for label in ("int8", "int8_float_embeddings"):
         figures[label]["ppl_vs_fp32"] = round(figures[label]["perplexity"] / base["perplexity"], 4)

@@ -48,8 +48,8 @@ def counted_flops_per_token(model, batch: torch.Tensor) -> float:
 
 def measure(size: str, batch_size: int, args) -> dict:
     from andy_dist.config import GLOBAL_BATCH_RANGE, model_config
-    from andy_dist.train.flops import MfuMeter
     from andy_dist.model import AndyLM
+    from andy_dist.train.flops import MfuMeter
 
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -77,9 +77,10 @@ def measure(size: str, batch_size: int, args) -> dict:
     seconds = time.perf_counter() - start
     tokens_per_s = batch_size * args.seq_len * args.steps / seconds
     value = meter(tokens_per_s)
+    low, high = GLOBAL_BATCH_RANGE[size]
     return {
         "size": size, "batch": batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
-        "params": model.num_parameters(), "in_global_batch_range": GLOBAL_BATCH_RANGE[size][0] <= batch_size <= GLOBAL_BATCH_RANGE[size][1],
+        "params": model.num_parameters(), "in_global_batch_range": low <= batch_size <= high,
         "flops_per_token": meter.flops_per_token, "counted_flops_per_token": counted,
         "formula_vs_counter": meter.flops_per_token / counted,
         "step_ms": 1000 * seconds / args.steps, "tokens_per_s": round(tokens_per_s),

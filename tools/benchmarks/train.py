@@ -76,7 +76,8 @@ def run(args) -> dict:
     # Both MFUs against the peak each trainer rank measured for itself at start-up (a peak measured
     # here, beside other processes, would not be the one the engine divided by).
     return {
-        "setup": f"tiny fp32, {RANKS} CPU ranks x 1 thread, global batch {MICRO * ACCUM * RANKS}, samples <= {args.seq_len} tokens",
+        "setup": f"tiny fp32, {RANKS} CPU ranks x 1 thread, global batch {MICRO * ACCUM * RANKS}, "
+                 f"samples <= {args.seq_len} tokens",
         "engine_tokens_s": round(engine, 1),
         "plain_tokens_s": round(plain, 1),
         "engine_over_plain": round(engine / plain, 3),

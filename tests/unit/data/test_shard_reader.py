@@ -19,8 +19,9 @@ import webdataset as wds
 
 from andy_dist import UserError
 from andy_dist.data.corpus import read_documents
+from andy_dist.data.shard_format import MANIFEST
 from andy_dist.data.shard_reader import open_shards
-from andy_dist.data.shard_writer import MANIFEST, write_shards
+from andy_dist.data.shard_writer import write_shards
 from andy_dist.data.tokenizer import train_tokenizer
 from tests.unit.data.shard_io import all_samples
 

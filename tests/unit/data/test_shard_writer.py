@@ -18,9 +18,10 @@ import webdataset as wds
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
 from andy_dist.data.corpus import read_documents
+from andy_dist.data.encoding import cut_lengths
 from andy_dist.data.shard_format import MANIFEST
 from andy_dist.data.shard_reader import open_shards
-from andy_dist.data.shard_writer import SECTION_PIECES, SplitRule, cut_lengths, write_shards
+from andy_dist.data.shard_writer import SECTION_PIECES, SplitRule, write_shards
 from andy_dist.data.tokenizer import train_tokenizer
 from tests.unit.data.shard_io import all_samples, write_jsonl
 

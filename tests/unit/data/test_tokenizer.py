@@ -14,7 +14,8 @@ MIXED = "Hello,  world!\n\n\tTabs and   spaces  \n中文混合 English 123 😀\
 
 
 def test_special_ids(tokenizer):
-    assert [tokenizer.sp.id_to_piece(i) for i in (PAD_ID, UNK_ID, BOS_ID, EOS_ID)] == ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    pieces = [tokenizer.sp.id_to_piece(i) for i in (PAD_ID, UNK_ID, BOS_ID, EOS_ID)]
+    assert pieces == ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
     ids = tokenizer.encode("abc", bos=True, eos=True)
     assert ids[0] == BOS_ID and ids[-1] == EOS_ID and BOS_ID not in ids[1:-1]
 

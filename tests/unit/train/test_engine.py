@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from andy_dist.config import ConfigError, load_train_config, resolve_batch
+from andy_dist.config import ConfigError, resolve_batch
 from andy_dist.train.engine import load_ds_config, model_size, resolve_ds_config
+from andy_dist.train.settings import load_train_config
 
 
 def test_every_shipped_ds_config_loads_and_resolves(root):

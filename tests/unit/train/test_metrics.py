@@ -27,7 +27,8 @@ from andy_dist.train.metrics import (
 from tests.launching import ROOT
 from tests.wandb_offline import read_offline_runs
 
-CONFIG = {"model": {"size": "tiny", "d_model": 128}, "data": {"seq_len": 128}, "deepspeed": {"zero": 2}, "train": {"lr": 3e-4}}
+CONFIG = {"model": {"size": "tiny", "d_model": 128}, "data": {"seq_len": 128}, "deepspeed": {"zero": 2},
+          "train": {"lr": 3e-4}}
 
 
 def strict_lines(path):
@@ -57,7 +58,8 @@ def test_standard_keys_cover_the_issue_list():
 
 def test_jsonl_is_strict_json_with_na_for_unknown(tmp_path):
     console = io.StringIO()
-    with MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="disabled", total_steps=10, console_stream=console) as log:
+    with MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="disabled", total_steps=10,
+                       console_stream=console) as log:
         log.log(1, {**train_values(1, mfu=None), "train/loss_scale": 65536.0, "train/skipped_steps": 0})
         log.log(2, {"train/loss": float("nan"), "train/grad_norm": float("inf")})
         log.log(2, validation_metrics(2.0, tokens=100, text_bytes=400, best_loss=2.0, bad_evals=0, patience=3))
@@ -110,7 +112,8 @@ def test_resume_continues_the_same_wandb_run_and_appends(tmp_path):
     first.log(1, {"train/loss": 3.0})
     run_id = first.wandb_run_id
     first.close()
-    second = MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="offline", resume_id=run_id, console_stream=io.StringIO())
+    second = MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="offline", resume_id=run_id,
+                           console_stream=io.StringIO())
     assert second.wandb_run_id == run_id
     second.log(2, {"train/loss": 2.0})
     second.close()
@@ -141,7 +144,8 @@ def test_progress_bar_on_a_terminal(tmp_path):
             return True
 
     term = Terminal()
-    with MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="disabled", total_steps=4, console_stream=term) as log:
+    with MetricsLogger(tmp_path, CONFIG, is_main=True, wandb_mode="disabled", total_steps=4,
+                       console_stream=term) as log:
         log.log(2, train_values(2))
     out = term.getvalue()
     assert "2/4" in out and "loss=2.5000" in out and "mfu=31.0%" in out and "tok/s=2,000" in out
@@ -171,7 +175,7 @@ def test_auto_mode_prints_one_line_saying_why(tmp_path, monkeypatch):
     console = io.StringIO()
     with MetricsLogger(tmp_path / "run", CONFIG, is_main=True, wandb_mode=None, console_stream=console) as log:
         assert log.wandb_mode == "offline"
-    (line,) = [l for l in console.getvalue().splitlines() if l.startswith("W&B:")]
+    (line,) = [text for text in console.getvalue().splitlines() if text.startswith("W&B:")]
     assert "offline (not logged in" in line and "wandb sync" in line
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
@@ -248,7 +252,8 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
             "train/mfu": meter(per_rank), "train/global_batch_seqs": 4 * world,
             "train/global_batch_tokens": int(figures[1].item()), "train/padding_fraction": 0.0,
             "train/tokens_seen": throughput.tokens_seen * world, "train/epoch": 0,
-            "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
+            "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s,
+            "time/eta_s": throughput.eta_s(step),
         })
     log.close()
     dist.barrier()
