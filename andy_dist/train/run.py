@@ -125,6 +125,7 @@ def train(argv: list[str] | None = None) -> int:
     from andy_dist.train.flops import MfuMeter
     from andy_dist.train.metrics import MetricsLogger
     from andy_dist.model import AndyLM
+    from andy_dist.sweep.trial_hook import trial_evaluation_hook
     from andy_dist.train.trainer import Trainer, TrainingStopped, TrainState
 
     cfg, dist = plan.cfg, plan.dist
@@ -196,7 +197,7 @@ def train(argv: list[str] | None = None) -> int:
                             "val_samples": shards.num_samples("val"), "steps_per_epoch": stream.steps_per_epoch}}
     logger = MetricsLogger(out, full_config, is_main=dist.is_main, wandb_mode=cfg.wandb, project=cfg.wandb_project,
                            entity=cfg.wandb_entity, run_name=cfg.run_name or out.name, tags=cfg.wandb_tags,
-                           resume_id=state.wandb_run_id, total_steps=total_steps)
+                           group=cfg.wandb_group, resume_id=state.wandb_run_id, total_steps=total_steps)
     state.wandb_run_id = logger.wandb_run_id
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.precision]
     # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
@@ -209,7 +210,7 @@ def train(argv: list[str] | None = None) -> int:
         sampler=(_make_sampler(cfg, plan.model, tokenizer, device) if dist.is_main else (lambda w, s: []))
         if cfg.sample_prompts else None,
         total_steps=total_steps, val_text_bytes=shards.text_bytes("val"),
-        mfu_meter=mfu_meter)
+        mfu_meter=mfu_meter, on_evaluation=trial_evaluation_hook(dist.is_main))
     if dist.is_main:
         print(plan.describe(), flush=True)
         print(f"mfu             {mfu_meter.describe()}", flush=True)

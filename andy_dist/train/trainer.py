@@ -50,6 +50,8 @@ class TrainingStopped(Exception):
 # SIGTERM (SLURM pre-emption): checkpoint, then exit with this code so a job script can requeue.
 EXIT_PREEMPTED = 75
 EXIT_DIVERGED = 3
+# An evaluation hook asked the run to stop (a hyper-parameter search pruned it): checkpoint, then this code.
+EXIT_STOP_REQUESTED = 76
 
 
 @dataclass
@@ -178,7 +180,8 @@ class Trainer:
                  dist: DistEnv, device: torch.device, logger, ckpt_dir: Path, run_meta: dict,
                  precision: str, zero_stage: int, state: TrainState | None = None,
                  sampler: Callable[[dict | None, int], list[dict]] | None = None,
-                 total_steps: int | None = None, val_text_bytes: int | None = None, mfu_meter=None):
+                 total_steps: int | None = None, val_text_bytes: int | None = None, mfu_meter=None,
+                 on_evaluation: Callable[[int, float], bool] | None = None):
         self.engine = engine
         self.stream = stream
         self.val_stream_factory = val_stream_factory
@@ -197,6 +200,9 @@ class Trainer:
         self.val_text_bytes = val_text_bytes
         self.throughput = Throughput(total_steps=total_steps)
         self.mfu_meter = mfu_meter
+        # Called on every rank after each evaluation with (step, validation loss); the run stops at that
+        # step, checkpointed, if any rank's call returns True. All ranks must pass one, or none.
+        self.on_evaluation = on_evaluation
         self._preempted = False
         self._nan_steps = fault_steps("ANDY_FAULT_NAN_STEPS")
         # "STEP:SECONDS": rank 0 sleeps before that step (a stalled rank, for the stall-report test).
@@ -348,7 +354,15 @@ class Trainer:
                       f"{state.best_val_loss:.4f} (step {state.best_step})", flush=True)
         self._log_samples()
         self._progress(f"evaluation at step {state.step}")
+        if self.on_evaluation is not None and self._any_rank(self.on_evaluation(state.step, val_loss)):
+            self.save()
+            raise TrainingStopped(f"stopped after the evaluation at step {state.step}, as the evaluation hook "
+                                  f"asked; checkpoint saved", EXIT_STOP_REQUESTED)
         return val_loss
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (one small all-reduce)."""
+        return self.run_step.all_reduce(torch.tensor([float(bool(flag))], dtype=torch.float64))[0].item() > 0
 
     def _log_samples(self) -> None:
         if self.sampler is None or not self.cfg.sample_prompts:
