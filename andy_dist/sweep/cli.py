@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,10 +25,12 @@ from andy_dist import UserError
 from andy_dist.cli import atomic_path, check_output_path
 
 RECORD_NAME = "sweep.json"
+STORAGE_ENV = "ANDY_SWEEP_STORAGE"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", help="search space YAML (sweeps/tiny.yaml shows the format)")
     p.add_argument("--data", help="shard folder written by tools/make_shards.py")
     p.add_argument("--out", help="the sweep's folder: trial-NNNN/ runs, the journal, best.yaml, report.html")
@@ -36,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how each trial starts (default: python for 1 rank, deepspeed for more)")
     p.add_argument("--max-steps", type=int, help="optimizer steps per trial")
     p.add_argument("--timeout", help="start no trial after this long, e.g. 90m, 2h, 3600 (seconds)")
-    p.add_argument("--storage", help="postgresql://... or mysql://... for workers on many nodes "
-                                     "(default: a journal file in --out)")
+    p.add_argument("--storage", default=os.environ.get(STORAGE_ENV) or None,
+                   help=f"postgresql://... or mysql://... for workers on many nodes (default: ${STORAGE_ENV}, which "
+                        f"keeps a password off the command line, else a journal file in --out)")
     p.add_argument("--study", help="study name (default: the --out folder's name)")
     p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
@@ -135,9 +140,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep: study {plan.study!r}, {len(study.trials)} trial(s) so far, budget {plan.trials}; "
           f"{plan.sampler} sampler, {plan.pruner['name']} pruner; each trial {plan.launcher} x {plan.nproc} "
           f"rank(s){f', {plan.max_steps} steps' if plan.max_steps else ''}", flush=True)
-    code = Worker(plan, study, write=lambda line: print(line, flush=True)).run()
+    with _progress_bar(plan, study) as (write, progress):
+        code = Worker(plan, study, write=write, progress=progress).run()
     summarize(study, plan.out, plan.record())
     return code
+
+
+@contextmanager
+def _progress_bar(plan, study):
+    """(write, progress) for the worker: a tqdm bar of the study's finished trials on a terminal, else plain lines."""
+    if not sys.stdout.isatty():
+        yield (lambda line: print(line, flush=True)), None
+        return
+    from tqdm import tqdm
+
+    from andy_dist.sweep.driver import Tally
+
+    bar = tqdm(total=plan.trials, initial=Tally.of(study).finished, unit="trial", desc=f"study {plan.study}")
+
+    def progress(finished: int) -> None:
+        bar.n = min(finished, plan.trials)
+        bar.refresh()
+
+    try:
+        yield bar.write, progress
+    finally:
+        bar.close()
 
 
 def summary_only(args) -> int:

@@ -8,7 +8,8 @@ summary (table, best.yaml, report.html).
 
 How a trial ends, from the exit status of its launcher:
     0    COMPLETE, valued at the best validation loss in its metrics.jsonl
-    76   PRUNED: rank 0 was told to prune at an evaluation; the run stopped at that step, checkpointed
+    76   PRUNED: rank 0 was told to prune at an evaluation; the run stopped at that step, checkpointed.
+         Rank 0 also marks the trial in the study, as torchrun reports every failed rank's status as 1
     75   interrupted (SIGTERM reached the ranks): FAIL, and re-queued, so a rerun picks it up
     else FAIL (a crash, a diverged run: exit 3); the reason is the last lines of trial-NNNN/train.log
 """
@@ -36,9 +37,10 @@ from andy_dist.sweep.launching import TrialProcess, last_lines, launcher_command
 from andy_dist.sweep.space import SearchSpace
 from andy_dist.sweep.storage import fail_dead_trials, heartbeat, redact, requeue
 from andy_dist.sweep.summary import read_trial_metrics
-from andy_dist.sweep.trial_hook import TRIAL_ENV
+from andy_dist.sweep.trial_hook import PRUNED_AT, TRIAL_ENV
 
-EXIT_PREEMPTED, EXIT_STOP_REQUESTED = 75, 76  # andy_dist.train.trainer's codes (importing it would load torch)
+EXIT_PREEMPTED = 75  # andy_dist.train.trainer's code for SIGTERM (importing it would load torch)
+WAIT_POLL_S = 5
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 
@@ -145,8 +147,9 @@ class Tally:
 class Worker:
     """One sweep worker process."""
 
-    def __init__(self, plan: SweepPlan, study: optuna.Study, write=print):
-        self.plan, self.study, self.write = plan, study, write
+    def __init__(self, plan: SweepPlan, study: optuna.Study, write=print, progress=None):
+        """write(line): the worker's reports; progress(finished trials of the study), after each trial."""
+        self.plan, self.study, self.write, self.progress = plan, study, write, progress
         self.deadline = time.monotonic() + plan.timeout_s if plan.timeout_s else None
         # A grid ends when every point was tried (after the `first:` points, which the grid does not count).
         self.budget = min(plan.trials, _grid_size(plan) + len(plan.space.first)) if plan.sampler == "grid" \
@@ -163,8 +166,11 @@ class Worker:
                 trial, tally = self._claim()
                 if trial is not None:
                     self._run_claimed(trial)
+                    if self.progress is not None:
+                        self.progress(Tally.of(self.study).finished)
                 elif tally.running and not self._past_deadline():
-                    self._sleep(self.plan.heartbeat_s)  # others' trials: a dead one is re-queued, and run here
+                    # Others' trials: wait for them, so that one whose worker dies is failed and retried here.
+                    self._sleep(min(self.plan.heartbeat_s, WAIT_POLL_S))
                 else:
                     break
         if self._stop_signal is not None:
@@ -205,12 +211,13 @@ class Worker:
         code = self._launch(trial, trial_dir, overrides)
         steps, best = read_trial_metrics(trial_dir)
         _set_attrs(trial, steps=steps, exit_status=code)
-        if self._stop_signal is not None or code == EXIT_PREEMPTED:
+        pruned_at = self.study._storage.get_trial(trial._trial_id).system_attrs.get(PRUNED_AT)
+        if pruned_at is not None and code != 0:  # exit 76; under torchrun 1 (it reports any rank's failure as 1)
+            self._tell(trial, TrialState.PRUNED, None, "pruned", f"pruned at step {pruned_at}")
+        elif self._stop_signal is not None or code == EXIT_PREEMPTED:
             self._requeue(trial, steps)
         elif code == 0 and best is not None:
             self._tell(trial, TrialState.COMPLETE, best, "complete", f"best validation loss {best:.4f}")
-        elif code == EXIT_STOP_REQUESTED:
-            self._tell(trial, TrialState.PRUNED, None, "pruned", f"pruned at step {steps}")
         else:
             why = "no validation loss was logged" if code == 0 else f"exit status {code}"
             self._tell(trial, TrialState.FAIL, None, "diverged" if code == 3 else "crashed",

@@ -58,6 +58,8 @@ def draw_plots(study, files_dir: Path) -> tuple[list[tuple[Path, str]], list[str
             notes.append(f"{title}: not drawn ({' '.join(str(err).split())[:200]}).")
             plt.close("all")
             continue
+        if name in ("history", "curves"):  # Optuna says "Objective Value" / "Intermediate Value"
+            axes.set_ylabel("validation loss")
         figure = getattr(axes, "figure", None) or axes.flat[0].figure
         figure.set_size_inches(7.2, 4.2)
         figure.tight_layout()

@@ -91,7 +91,8 @@ def redact(url: str) -> str:
         return url.split("://", 1)[0] + "://..."
 
 
-def open_storage(url: str | None, out: Path, heartbeat_s: int, with_heartbeat: bool = True) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None, out: Path, heartbeat_s: int,
+                 with_heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """The study's storage; a storage that cannot be reached is a one-line UserError.
 
     with_heartbeat=False opens it for a trial's reporting only (the worker keeps the heartbeat).

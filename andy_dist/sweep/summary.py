@@ -47,15 +47,15 @@ def trial_rows(study) -> list[TrialRow]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        steps, best = read_trial_metrics(Path(attrs["dir"])) if attrs.get("dir") else (None, None)
+        waiting = trial.state.name == "WAITING"  # a queued retry carries its original's attributes: no figures yet
+        steps, best = read_trial_metrics(Path(attrs["dir"])) if attrs.get("dir") and not waiting else (None, None)
         outcome = trial.state.name.lower() if trial.state.name in ("WAITING", "RUNNING", "COMPLETE") \
             else attrs.get("outcome", trial.state.name.lower())
         end = trial.datetime_complete or (datetime.now() if trial.state.name == "RUNNING" else None)
         seconds = (end - trial.datetime_start).total_seconds() if end and trial.datetime_start else None
         rows.append(TrialRow(trial.number, trial.state.name, outcome, dict(trial.params), best,
-                             steps if steps is not None else attrs.get("steps"), seconds,
-                             attrs.get("note", "") if trial.state.name != "WAITING" else _retry_note(trial),
-                             attrs.get("dir")))
+                             None if waiting else steps if steps is not None else attrs.get("steps"), seconds,
+                             _retry_note(trial) if waiting else attrs.get("note", ""), attrs.get("dir")))
     return rows
 
 

@@ -21,6 +21,7 @@ import sys
 from typing import Callable
 
 TRIAL_ENV = "ANDY_SWEEP_TRIAL"
+PRUNED_AT = "andy_pruned_at_step"  # set on the trial in the study when rank 0 prunes it
 
 
 def trial_evaluation_hook(is_main: bool) -> Callable[[int, float], bool] | None:
@@ -76,6 +77,8 @@ class TrialReporter:
             return True
         trial.report(val_loss, step)
         if trial.should_prune():
+            # The worker reads this, not only the exit status: torchrun turns every failed rank's status into 1.
+            trial.storage.set_trial_system_attr(trial._trial_id, PRUNED_AT, step)
             print(f"sweep: trial {number} pruned at step {step}: validation loss {val_loss:.4f} is worse than "
                   f"the {self.spec['pruner']['name']} pruner allows", flush=True)
             return True

@@ -345,7 +345,8 @@ class MetricsLogger:
         os.environ["WANDB_MODE"] = self.wandb_mode
         # A fresh run lets W&B pick the id; a resumed one names it, and resume="allow" continues it.
         kwargs = dict(project=project, entity=entity, name=run_name or self.run_dir.name, tags=list(tags),
-                      group=group, config=config, dir=str(self.run_dir), id=resume_id, resume="allow" if resume_id else None)
+                      group=group, config=config, dir=str(self.run_dir), id=resume_id,
+                      resume="allow" if resume_id else None)
         try:
             self._run = wandb.init(mode=self.wandb_mode, **kwargs)
         except Exception as err:  # an online run must never stop training: fall back to local files

@@ -10,7 +10,6 @@ No training runs here (those are in tests/e2e/test_sweep.py).
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from andy_dist import UserError
 from andy_dist.cli import run_tool
@@ -193,7 +191,8 @@ def test_best_yaml_is_accepted_by_the_trainer_and_holds_the_best_settings(tmp_pa
     assert "trial 1" in path.read_text().splitlines()[0]
     table = format_table(trial_rows(study))
     lines = table.splitlines()
-    assert lines[0].split() == ["trial", "outcome", "best", "val", "loss", "steps", "time", "lr", "model.dropout", "note"]
+    assert lines[0].split() == ["trial", "outcome", "best", "val", "loss", "steps", "time", "lr", "model.dropout",
+                                "note"]
     assert [line.split()[1] for line in lines[2:]] == ["complete", "complete", "pruned", "fail"]
 
 
@@ -222,7 +221,8 @@ def run_sweep_here(*args) -> tuple[int, str]:
     return exit_.value.code, err.getvalue()
 
 
-GOOD_SPACE = "ds_config: ds_configs/tiny.json\nfixed: {model.vocab_size: 2000}\nparams: {lr: {low: 1.0e-4, high: 1.0e-3}}\n"
+GOOD_SPACE = ("ds_config: ds_configs/tiny.json\nfixed: {model.vocab_size: 2000}\n"
+              "params: {lr: {low: 1.0e-4, high: 1.0e-3}}\n")
 
 
 @pytest.mark.parametrize("case, needle", [
