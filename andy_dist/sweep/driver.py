@@ -107,19 +107,20 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samp
 
 def open_study(plan: SweepPlan, storage) -> optuna.Study:
     """Create the study, or load it for a rerun or another worker; a different plan is refused."""
-    existing = {s.study_name for s in storage.get_all_studies()}
-    if plan.study not in existing and any(plan.out.glob("trial-*")):
-        raise UserError(f"--out {plan.out} holds trial folders but its storage has no study {plan.study!r}; "
-                        f"choose an empty --out, or the --study and --storage those trials belong to")
-    study = optuna.create_study(study_name=plan.study, storage=storage, direction="minimize",
-                                sampler=make_sampler(plan.sampler, plan.space, plan.seed),
-                                pruner=make_pruner(plan.pruner), load_if_exists=True)
-    fingerprint = study.user_attrs.get("plan")
-    if fingerprint is None:
-        for point in plan.space.first:
-            study.enqueue_trial(point, skip_if_exists=True)
-        study.set_user_attr("plan", plan.fingerprint())
-    elif fingerprint != plan.fingerprint():
+    with _claim_lock(plan.out):  # workers starting together: one creates the study and queues `first:`
+        existing = {s.study_name for s in storage.get_all_studies()}
+        if plan.study not in existing and any(plan.out.glob("trial-*")):
+            raise UserError(f"--out {plan.out} holds trial folders but its storage has no study {plan.study!r}; "
+                            f"choose an empty --out, or the --study and --storage those trials belong to")
+        study = optuna.create_study(study_name=plan.study, storage=storage, direction="minimize",
+                                    sampler=make_sampler(plan.sampler, plan.space, plan.seed),
+                                    pruner=make_pruner(plan.pruner), load_if_exists=True)
+        fingerprint = study.user_attrs.get("plan")
+        if fingerprint is None:
+            for point in plan.space.first:
+                study.enqueue_trial(point)
+            study.set_user_attr("plan", plan.fingerprint())
+    if fingerprint is not None and fingerprint != plan.fingerprint():
         raise UserError(f"study {plan.study!r} was started with another space, ds_config, data, --nproc or "
                         f"--max-steps; rerun it with the same ones, or start a new --study")
     return study

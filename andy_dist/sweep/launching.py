@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,9 +93,14 @@ class TrialProcess:
 
 
 def last_lines(log: Path, count: int = 3) -> str:
-    """The last non-empty lines of a trial's log, joined into one line (for the sweep's one-line reports)."""
+    """Why a trial failed, in one line: the trainer's own `error: ...` line or the last exception line in its
+    log (launchers print their own banners after it), else the log's last lines."""
     try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()[-200:] if line.strip()]
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()[-400:] if line.strip()]
     except OSError:
         return ""
+    for line in reversed(lines):
+        if line.startswith("error: ") or (re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)
+                                          and "ChildFailedError" not in line):  # torchrun's banner
+            return line[:400]
     return " | ".join(lines[-count:])[-400:]

@@ -281,4 +281,4 @@ def test_a_rerun_with_another_space_is_refused(tmp_path, train_shards):
     code, err = run_sweep_here("--space", space_file(tmp_path, GOOD_SPACE), "--data", train_shards,
                                "--out", storage_dir, "--trials", 1)
     assert code == 2 and "was started with another space" in err.splitlines()[-1], err
-    assert sorted(p.name for p in storage_dir.iterdir()) == [JOURNAL_NAME]
+    assert sorted(p.name for p in storage_dir.iterdir() if not p.name.startswith(".")) == [JOURNAL_NAME]
