@@ -286,7 +286,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _table(header: list[str], rows: list[list[str]], row_classes: Optional[list[str]] = None) -> str:
+def html_table(header: list[str], rows: list[list[str]], row_classes: Optional[list[str]] = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
@@ -303,8 +303,8 @@ def samples_table(run: Run) -> str:
     rows = [s for step in steps for s in run.samples if s["step"] == step]
     settings = sorted({k for s in rows for k in s} - {"step", "prompt", "completion"})
     header = ["step", "prompt", "completion", *settings]
-    return _table(header, [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(s.get(k, "") for k in settings)]
-                           for s in rows])
+    cells = [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(s.get(k, "") for k in settings)] for s in rows]
+    return html_table(header, cells)
 
 
 def config_table(runs: list[Run]) -> str:
@@ -315,7 +315,7 @@ def config_table(runs: list[Run]) -> str:
         return "<p class=muted>No config.json found.</p>"
     rows = [[key, *(f.get(key, "—") for f in flat)] for key in keys]
     classes = ["diff" if len(runs) > 1 and len({f.get(key) for f in flat}) > 1 else "" for key in keys]
-    return _table(["key", *(run.label for run in runs)], rows, classes)
+    return html_table(["key", *(run.label for run in runs)], rows, classes)
 
 
 # ---------------------------------------------------------------- the page
@@ -334,6 +334,14 @@ tr.diff td { background: #fff6d5; }
 """
 
 
+def figure_html(png: Path, title: str) -> str:
+    """A PNG embedded in the page (base64), captioned with a link to the file beside the page."""
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    rel = f"{png.parent.name}/{png.name}"
+    return (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}" data-file="{rel}">'
+            f'<figcaption>{html.escape(title)} · <a href="{rel}">{rel}</a></figcaption></figure>')
+
+
 def render(runs: list[Run], out_html, title: Optional[str] = None) -> list[Path]:
     """Write the report page and its PNGs; return the PNG paths (in page order)."""
     out_html = Path(out_html)
@@ -346,15 +354,10 @@ def render(runs: list[Run], out_html, title: Optional[str] = None) -> list[Path]
                 figures.append(f'<figure><p class=muted>{html.escape(plot.title)}: not logged.</p></figure>')
             continue
         pngs.append(png)
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        rel = f"{files_dir.name}/{png.name}"
-        figures.append(
-            f'<figure><img alt="{html.escape(plot.title)}" src="data:image/png;base64,{data}" data-file="{rel}">'
-            f'<figcaption>{html.escape(plot.title)} · <a href="{rel}">{rel}</a></figcaption></figure>'
-        )
+        figures.append(figure_html(png, plot.title))
     names = [run.label for run in runs]
     figure_rows = list(final_figures(runs[0]))
-    finals = _table(["", *names], [[row, *(final_figures(run)[row] for run in runs)] for row in figure_rows])
+    finals = html_table(["", *names], [[row, *(final_figures(run)[row] for run in runs)] for row in figure_rows])
     warnings = "".join(f"<p class=warn>{html.escape(run.label)}: {html.escape(w)}</p>"
                        for run in runs for w in run.warnings)
     samples = "".join(f"<h3>{html.escape(run.label)}</h3>{samples_table(run)}" for run in runs)

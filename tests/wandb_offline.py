@@ -60,6 +60,7 @@ class OfflineRun:
     run_id: str = ""
     project: str = ""
     name: str = ""
+    group: str = ""
     tags: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # one dict per wandb.log call, JSON-decoded
@@ -83,6 +84,7 @@ def read_offline_runs(wandb_dir: Path) -> list[OfflineRun]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.run_id, run.project, run.name = record.run.run_id, record.run.project, record.run.display_name
+                run.group = record.run.run_group
                 run.tags = list(record.run.tags)
                 for item in record.run.config.update:
                     run.config[item.key] = json.loads(item.value_json)

@@ -313,6 +313,7 @@ class MetricsLogger:
         entity: Optional[str] = None,
         run_name: Optional[str] = None,
         tags: Iterable[str] = (),
+        group: Optional[str] = None,
         resume_id: Optional[str] = None,
         total_steps: Optional[int] = None,
         console_stream=None,
@@ -335,9 +336,9 @@ class MetricsLogger:
         self._samples = LineLog(self.run_dir / "samples.jsonl", self.console.write)
         self.console.write(f"W&B: {self.wandb_mode} ({reason})")
         if self.wandb_mode != "disabled":
-            self._start_wandb(config, project, entity, run_name, tuple(tags), resume_id)
+            self._start_wandb(config, project, entity, run_name, tuple(tags), group, resume_id)
 
-    def _start_wandb(self, config, project, entity, run_name, tags, resume_id) -> None:
+    def _start_wandb(self, config, project, entity, run_name, tags, group, resume_id) -> None:
         import wandb
 
         # W&B validates WANDB_MODE from the environment even when mode= is passed: an empty or
@@ -345,7 +346,8 @@ class MetricsLogger:
         os.environ["WANDB_MODE"] = self.wandb_mode
         # A fresh run lets W&B pick the id; a resumed one names it, and resume="allow" continues it.
         kwargs = dict(project=project, entity=entity, name=run_name or self.run_dir.name, tags=list(tags),
-                      config=config, dir=str(self.run_dir), id=resume_id, resume="allow" if resume_id else None)
+                      group=group, config=config, dir=str(self.run_dir), id=resume_id,
+                      resume="allow" if resume_id else None)
         try:
             self._run = wandb.init(mode=self.wandb_mode, **kwargs)
         except Exception as err:  # an online run must never stop training: fall back to local files

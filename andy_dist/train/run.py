@@ -29,6 +29,7 @@ from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
 from andy_dist.data.tokenizer import Tokenizer
 from andy_dist.model import AndyLM
+from andy_dist.sweep.trial_hook import trial_evaluation_hook
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
 from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_files
@@ -248,7 +249,7 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     log = cfg.logging
     logger = MetricsLogger(out, full_config, is_main=dist.is_main, wandb_mode=log.wandb, project=log.wandb_project,
                            entity=log.wandb_entity, run_name=log.run_name or out.name, tags=log.wandb_tags,
-                           resume_id=state.wandb_run_id, total_steps=data.total_steps)
+                           group=log.wandb_group, resume_id=state.wandb_run_id, total_steps=data.total_steps)
     state.wandb_run_id = logger.wandb_run_id
     # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
     lengths = data.shards.lengths("train")
@@ -257,7 +258,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     samples = (TrainingSamples(cfg.samples, plan.model, data.tokenizer, device, cfg.seed)
                if cfg.samples.prompts else None)
     monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
-                      sample_interval=cfg.samples.interval, stall_report_s=cfg.engine.stall_report_s)
+                      sample_interval=cfg.samples.interval, stall_report_s=cfg.engine.stall_report_s,
+                      on_evaluation=trial_evaluation_hook(dist.is_main))
     step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed)
     trainer_data = TrainData(data.stream, lambda: data.val_stream(plan), data.total_steps,
                              val_text_bytes=data.shards.text_bytes("val"))

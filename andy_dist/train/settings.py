@@ -129,6 +129,8 @@ class LoggingSettings:
     wandb_project: str = "andy-llm"
     wandb_entity: str | None = None
     wandb_tags: tuple[str, ...] = ()
+    wandb_group: str | None = None
+    """W&B run group, e.g. every trial of one hyper-parameter search (tools/sweep.py sets the study's name)."""
     run_name: str | None = None
     """Name of the run (W&B and logs); default: the --out folder's name."""
 

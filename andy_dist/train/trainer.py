@@ -36,6 +36,8 @@ class TrainingStopped(Exception):
 # SIGTERM (SLURM pre-emption): checkpoint, then exit with this code so a job script can requeue.
 EXIT_PREEMPTED = 75
 EXIT_DIVERGED = 3
+# An evaluation hook asked the run to stop (a hyper-parameter search pruned it): checkpoint, then this code.
+EXIT_STOP_REQUESTED = 76
 
 
 @dataclass
@@ -74,6 +76,9 @@ class Monitor:
     log_interval: int = 10
     sample_interval: int | None = None
     stall_report_s: float | None = 300.0
+    # Called on every rank after each evaluation with (step, validation loss); the run stops at that step,
+    # checkpointed, if any rank's call returns True (a hyper-parameter search pruning the trial).
+    on_evaluation: Callable[[int, float], bool] | None = None
 
 
 @dataclass
@@ -233,7 +238,16 @@ class Trainer:
                       f"{state.best_val_loss:.4f} (step {state.best_step})", flush=True)
         self._log_samples()
         self._progress(f"evaluation at step {state.step}")
+        hook = self.monitor.on_evaluation
+        if hook is not None and self._any_rank(hook(state.step, val_loss)):
+            self.save()
+            raise TrainingStopped(f"stopped after the evaluation at step {state.step}, as the evaluation hook "
+                                  f"asked; checkpoint saved", EXIT_STOP_REQUESTED)
         return val_loss
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (one small all-reduce)."""
+        return self.step.all_reduce(torch.tensor([float(bool(flag))], dtype=torch.float64))[0].item() > 0
 
     def _log_samples(self) -> None:
         if self.monitor.samples is None:

@@ -50,3 +50,13 @@ def test_data_section(tmp_path):
     assert figures["train_samples"] > 0 and figures["make_shards_mb_s_1_worker"] > 0
     assert figures["stream_over_train_0_workers"] > 0 and figures["stream_over_train_2_workers"] > 0
     assert figures["padding_fraction_bucket_window_16"] < figures["padding_fraction"]
+
+
+def test_sweep_section(tmp_path):
+    """Two 2-trial studies of 4 steps: the same settings tried, pruning can only save steps, never find a
+    better best trial (a complete trial of the pruned study trains exactly as in the other)."""
+    figures = bench(tmp_path, "sweep", "--trials", "2", "--max-steps", "4", "--eval-interval", "2",
+                    "--pruner-startup", "1")
+    assert figures["steps_unpruned"] == 8 and 0 < figures["steps_pruned"] <= 8
+    assert 0 < figures["steps_ratio"] <= 1
+    assert math.isfinite(figures["best_val_ratio"]) and figures["best_val_ratio"] >= 1.0
