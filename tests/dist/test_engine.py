@@ -1,12 +1,11 @@
 """Engine numerics on real DeepSpeed engines: gradient accumulation over variable-length batches."""
 
 import json
+import subprocess
 
 import pytest
 
 from tests.launching import ROOT, cpu_env, launcher_command
-
-import subprocess
 
 pytestmark = pytest.mark.dist
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from andy_dist import UserError
 from andy_dist.infer.export import load_checkpoint_weights
 from andy_dist.infer.model_file import load_model_file
+from tests.launching import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 RUNS = ["2:fp32", "3:bf16"]  # stage 0 and 1 are checked the same way by hand (see the report)
@@ -21,7 +22,8 @@ RUNS = ["2:fp32", "3:bf16"]  # stage 0 and 1 are checked the same way by hand (s
 def checkpoints(tmp_path_factory, tokenizer_path, root):
     out = tmp_path_factory.mktemp("ckpts")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    # A free port: a fixed one collides with any other run on the machine (seen in CI beside other jobs).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(root / "tests/dist/scripts/export_make_checkpoints.py"), str(out), str(tokenizer_path), *RUNS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,8 +56,8 @@ def test_export_tool_writes_a_runnable_int8_file(checkpoints, root, tmp_path):
     assert info["source"]["zero_stage"] == 3 and info["source"]["tag"] == "best" and info["source"]["step"] == 2
     state, _ = load_checkpoint_weights(ckpt, "best")
     ids = torch.tensor([tokenizer.encode("import os", bos=True)])
-    from andy_dist.model import AndyLM
     from andy_dist.config import ModelConfig
+    from andy_dist.model import AndyLM
 
     ref_model = AndyLM(ModelConfig.from_dict(info["model_config"]).replace(dropout=0.0)).eval()
     ref_model.load_state_dict(state)

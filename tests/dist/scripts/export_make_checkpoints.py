@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from andy_dist.cli import mark_distributed_process, run_tool
 from andy_dist.config import ModelConfig
-from andy_dist.model import AndyLM
 from andy_dist.data.tokenizer import Tokenizer
+from andy_dist.model import AndyLM
 
 
 def train_and_save(out: Path, tokenizer: Tokenizer, stage: int, precision: str) -> None:

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 from andy_dist.cli import run_tool  # noqa: E402
 from andy_dist.config import ModelConfig  # noqa: E402
 from andy_dist.data.stream import collate  # noqa: E402
+from andy_dist.model import AndyLM  # noqa: E402
 from andy_dist.train.distenv import detect  # noqa: E402
 from andy_dist.train.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
-from andy_dist.model import AndyLM  # noqa: E402
 from andy_dist.train.step import StepResult, StepRunner  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_layers=2, dropout=0.0)
