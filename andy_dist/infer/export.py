@@ -48,11 +48,7 @@ _DEEPSPEED_SAFE_GLOBALS = (
 def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
     """(checkpoints directory, tag directory name) for `path` (CKPT or a run directory holding
     checkpoints/) and `tag` ("latest", "best" or a tag name)."""
-    ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise UserError(f"checkpoint directory {ckpt} does not exist; pass runs/NAME/checkpoints")
-    if not (ckpt / "latest").exists() and (ckpt / "checkpoints").is_dir():
-        ckpt = ckpt / "checkpoints"
+    ckpt = checkpoint_dir(path)
     if tag == "latest":
         latest = ckpt / "latest"
         if not latest.is_file():
@@ -68,6 +64,16 @@ def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str
     if not (ckpt / tag).is_dir():
         raise UserError(f"checkpoint tag {tag!r} is not in {ckpt}; available tags: {available_tags(ckpt)}")
     return ckpt, tag
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoints directory named by `path`: CKPT itself, or a run directory holding checkpoints/."""
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint directory {ckpt} does not exist; pass runs/NAME/checkpoints")
+    if not (ckpt / "latest").exists() and (ckpt / "checkpoints").is_dir():
+        ckpt = ckpt / "checkpoints"
+    return ckpt
 
 
 def available_tags(ckpt: Path) -> list[str]:
@@ -156,7 +162,8 @@ def _merge_zero3(flat_groups: list[list[torch.Tensor]], param_shapes: list[dict]
 
 
 def _zero0_weights(model_states: dict) -> dict:
-    module = model_states["module"]
+    buffers = set(model_states.get("buffer_names") or ())
+    module = {name: t for name, t in model_states["module"].items() if name not in buffers}
     optimizer = model_states.get("optimizer") or {}
     flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
     if not flats:
@@ -201,12 +208,26 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
             state = _merge_zero3([o["fp32_flat_groups"] for o in optim], param_shapes)
     else:
         state = _zero0_weights(model_states)
+    for name in model_states.get("buffer_names") or ():  # a stored position table: whole in every module file
+        if name in model_states["module"]:
+            state.setdefault(name, model_states["module"][name].float().clone())
     for alias, source in model_states.get("shared_params") or []:
         state.setdefault(alias, state[source])
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed.weight"])
     _check_keys(state, cfg, tag_dir)
     return state, meta
+
+
+def describe_checkpoint(meta: dict) -> dict:
+    """What a model file or model card records of the checkpoint it came from."""
+    trainer = meta.get("trainer_state") or {}
+    info = {k: meta.get(k) for k in ("checkpoint", "tag", "zero_stage", "world_size", "precision", "data")}
+    info.update(step=trainer.get("step", meta.get("step")), tokens_seen=trainer.get("tokens_seen"),
+                best_val_loss=trainer.get("best_val_loss"), best_step=trainer.get("best_step"))
+    if meta.get("averaged_tags"):
+        info["averaged_tags"] = list(meta["averaged_tags"])
+    return info
 
 
 def _check_keys(state: dict, cfg: ModelConfig, where: Path) -> None:
