@@ -5,6 +5,8 @@ Layout of a shard set `shards/NAME/`:
     train-000000.tar, train-000001.tar, ...   WebDataset tar shards of the training split
     val-000000.tar, ...                       the same for the validation split
     train-lengths.npy, val-lengths.npy        the token count of every sample, in sample-id order
+    tokenizer.model                           a copy of the tokenizer (its sha256 is in the manifest), so
+                                              training needs only --data; older sets lack it (pass --tokenizer)
     manifest.json                             written last: hashes, counts, statistics (see below)
 
 Tar members. Samples are packed many per member ("blocks"): block `00000042` is the two members
@@ -61,6 +63,7 @@ from andy_dist.data.tokenizer import Tokenizer
 FORMAT_NAME = "andy-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
 SECTION_PIECES = 16
 """A document of more pieces than this is split between train and val in sections of this many pieces."""
@@ -459,6 +462,7 @@ def write_shards(
             raise UserError(f"the validation split is empty: --val-fraction {val_fraction} of "
                             f"{split_rule.units} document section(s) rounds to 0; raise --val-fraction "
                             f"or add documents")
+        (partial / TOKENIZER_FILE).write_bytes(tok.model_bytes)
         text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
         (partial / MANIFEST).write_text(text, encoding="utf-8")  # last: its presence marks a complete set
         _replace_directory(partial, out)

@@ -105,7 +105,9 @@ def _tokenizer_for(args, data_dir: Path):
 
     path = Path(args.tokenizer) if args.tokenizer else data_dir / "tokenizer.model"
     if not path.exists():
-        raise UserError(f"no tokenizer at {path}; pass --tokenizer DIR/tokenizer.model (the one the shards were made with)")
+        hint = "" if args.tokenizer else " (shard sets made before make_shards copied the tokenizer have none)"
+        raise UserError(f"no tokenizer at {path}{hint}; pass --tokenizer DIR/tokenizer.model (the one the shards "
+                        f"were made with)")
     return Tokenizer.from_file(path)
 
 
