@@ -221,6 +221,9 @@ class TrainConfig:
     """Name of the run (W&B and logs); default: the --out folder's name."""
     model: dict = field(default_factory=dict)
     """Overrides of ModelConfig fields, e.g. model.vocab_size=2000 or model.dropout=0.0."""
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a float .andy file or a Hugging Face GPT-2 directory
+    (tools/import_hf.py). The model's shape comes from them; dropout and activation checkpointing from the run."""
 
     def check(self) -> None:
         positive = ("max_epochs", "lr", "warmup_steps", "log_interval", "save_interval", "keep_last", "patience",

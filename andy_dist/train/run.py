@@ -94,6 +94,10 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     if checkpointing is None:
         checkpointing = bool(andy.get("activation_checkpointing", False))
     model = model_config(size, **{**cfg.model, "activation_checkpointing": checkpointing})
+    if cfg.init_from:  # the shape of the weights training starts from
+        from andy_dist.train.init_from import init_model_config
+
+        model = init_model_config(cfg.init_from, model, cfg.model)
     device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
@@ -126,7 +130,7 @@ def train(argv: list[str] | None = None) -> int:
     from andy_dist.train.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
     from andy_dist.train.flops import MfuMeter
     from andy_dist.train.metrics import MetricsLogger
-    from andy_dist.model import AndyLM
+    from andy_dist.train.init_from import initial_model
     from andy_dist.train.trainer import Trainer, TrainingStopped, TrainState
 
     cfg, dist = plan.cfg, plan.dist
@@ -174,7 +178,7 @@ def train(argv: list[str] | None = None) -> int:
     ds_config = resolve_ds_config(plan.ds, cfg, plan.batch, cfg.lr_decay_steps or total_steps, plan.precision, plan.zero_stage,
                                   load_universal=universal)
     torch.manual_seed(cfg.seed)
-    engine = build_engine(AndyLM(plan.model), ds_config, cfg.weight_decay)
+    engine = build_engine(initial_model(plan.model, cfg.init_from, tokenizer), ds_config, cfg.weight_decay)
     state = TrainState()
     if resume_from is not None:
         ckpt.load(engine, resume_from, load_tag)
