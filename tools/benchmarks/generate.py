@@ -190,7 +190,7 @@ def quality(args) -> dict:
     from andy_dist.data.corpus import Document
     from andy_dist.infer.model_file import load_model_file, save_model_file
     from andy_dist.data.tokenizer import train_tokenizer, Tokenizer
-    from tools.evaluate import evaluate_batches, text_batches
+    from andy_dist.infer.evaluation import evaluate_batches, text_batches
 
     text, name = _corpus_text()
     cut = int(len(text) * 0.9)
