@@ -108,6 +108,8 @@ def _model_file_source(args):
 
 
 def main(argv=None) -> int:
+    from pathlib import Path
+
     from andy_dist.cli import check_output_path
     from andy_dist.infer.hf_export import check_hf_output, require_transformers, write_hf_directory
     from andy_dist.infer.model_file import save_model_file
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     state, cfg, tokenizer, info = _model_file_source(args) if args.model_file else _checkpoint_source(args)
     if args.hf:
         out = write_hf_directory(args.hf, state, cfg, tokenizer, dtype=dtype, force=args.force,
-                                 card=dict(info, path=args.hf))
+                                 card=dict(info, path=args.hf, name=Path(args.hf).name))
         print(f"wrote {out} (Hugging Face GPT-2 format, {dtype}) from {info['made_from']}, step {info.get('step')}")
         return 0
     source = {k: v for k, v in info.items() if k != "made_from"}

@@ -211,7 +211,8 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
     for name in model_states.get("buffer_names") or ():  # a stored position table: whole in every module file
         if name in model_states["module"]:
             state.setdefault(name, model_states["module"][name].float().clone())
-    for alias, source in model_states.get("shared_params") or []:
+    shared = model_states.get("shared_params") or {}  # DeepSpeed: {name not stored: name holding the data}
+    for alias, source in shared.items() if isinstance(shared, dict) else shared:
         state.setdefault(alias, state[source])
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed.weight"])

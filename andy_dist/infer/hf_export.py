@@ -64,6 +64,7 @@ def write_hf_directory(out: str | Path, state: dict[str, torch.Tensor], cfg: Mod
         _save_generation_config(partial)
         save_hf_tokenizer(tokenizer, partial, cfg.max_seq_len)
         (partial / "README.md").write_text(model_card(cfg, dtype, card or {}), encoding="utf-8")
+        _readable_by_all(partial)
         _replace_directory(partial, out)
     except OSError as err:
         raise UserError(f"could not write {out}: {err.strerror or err}") from None
@@ -91,6 +92,15 @@ def _save_generation_config(directory: Path) -> None:
 
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                      **DEFAULT_SAMPLING).save_pretrained(str(directory))
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Give every file the permissions the umask allows (transformers writes the weights through a private
+    temporary file, mode 0600), so a directory meant to be shared is readable like the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_directory(partial: Path, final: Path) -> None:

@@ -29,8 +29,19 @@ def parameter_count(cfg: ModelConfig) -> int:
         return AndyLM(cfg).num_parameters()
 
 
-def _or_unknown(value, spec: str = "{}") -> str:
-    return "unknown" if value is None else spec.format(value)
+def _or_unknown(value) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def _training(info: dict, cfg: ModelConfig) -> str:
+    """What is known of the training run, e.g. "500 optimizer steps, 8,192,000 tokens, bf16, ZeRO 2 on 8 ranks"."""
+    parts = [template.format(info[key]) for key, template in (
+        ("step", "{} optimizer steps"), ("tokens_seen", "{:,} tokens"), ("precision", "{}")) if info.get(key) is not None]
+    if info.get("zero_stage") is not None and info.get("world_size") is not None:
+        parts.append(f"ZeRO stage {info['zero_stage']} on {info['world_size']} rank(s)")
+    if info.get("averaged_tags"):
+        parts.append(f"weights averaged over {', '.join(info['averaged_tags'])}")
+    return ", ".join(parts + [f"dropout {cfg.dropout}"])
 
 
 def model_card(cfg: ModelConfig, dtype: str, info: dict) -> str:
@@ -48,9 +59,7 @@ def model_card(cfg: ModelConfig, dtype: str, info: dict) -> str:
         ("context", f"{cfg.max_seq_len} tokens; positions {positions}"),
         ("weights", dtype),
         ("training data", _or_unknown(info.get("data"))),
-        ("training", f"{_or_unknown(info.get('step'))} optimizer steps, {_or_unknown(info.get('tokens_seen'), '{:,}')} "
-                     f"tokens, {_or_unknown(info.get('precision'))}, ZeRO stage {_or_unknown(info.get('zero_stage'))} "
-                     f"on {_or_unknown(info.get('world_size'))} rank(s), dropout {cfg.dropout}"),
+        ("training", _training(info, cfg)),
         ("validation loss", val),
         ("made from", info.get("made_from") or "unknown"),
     ]
