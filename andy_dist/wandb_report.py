@@ -69,8 +69,8 @@ def build_report(runs: list["Run"], title: str, entity: Optional[str] = None):
     blocks = [wr.H1(title)]
     for (group_entity, project), members in groups.items():
         ids = [run.wandb["id"] for run in members]
-        runset = wr.Runset(entity=group_entity, project=project, name=f"{project}: {', '.join(r.label for r in members)}",
-                           filters=[expr.Metric("ID").isin(ids)])
+        runset = wr.Runset(entity=group_entity, project=project, filters=expr.And(expr.Metric("ID").isin(ids)),
+                           name=f"{project}: {', '.join(r.label for r in members)}")
         blocks += [wr.H2(f"{group_entity}/{project}"), wr.PanelGrid(runsets=[runset], panels=panels)]
     (first_entity, first_project) = next(iter(groups))
     return wr.Report(project=first_project, entity=first_entity, title=title, blocks=blocks,

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     source = {k: v for k, v in info.items() if k != "made_from"}
     path = save_model_file(args.output, state, cfg, tokenizer, dtype=dtype, source=source,
                            quantize_embeddings=not args.float_embeddings)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {dtype}) from {info['made_from']}, step {info.get('step')}")
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size:.2f} MB, {dtype}) from {info['made_from']}, step {info.get('step')}")
     return 0
 
 

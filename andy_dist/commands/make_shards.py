@@ -1,7 +1,8 @@
 """Tokenize text into WebDataset tar shards for training (see andy_dist/data/shard_writer.py for the format).
 
-    andy-shards --input PATH [PATH ...] --tokenizer DIR/tokenizer.model --out shards/NAME      (or: python tools/make_shards.py)
+    andy-shards --input PATH [PATH ...] --tokenizer DIR/tokenizer.model --out shards/NAME
         [--val-fraction F] [--shard-size-mb M] [--workers N] [--max-seq-len 512]
+    (or: python tools/make_shards.py ...)
 
 PATH: a .txt file (one document), a .jsonl file (one {"text": ...} per line), a directory or a glob.
 Empty and exactly duplicated documents are dropped and counted; documents longer than --max-seq-len

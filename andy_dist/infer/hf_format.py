@@ -88,6 +88,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=LAYER_NORM_EPS,
         scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
         tie_word_embeddings=cfg.tie_embeddings, use_cache=True, architectures=["GPT2LMHeadModel"],
+        n_ctx=cfg.max_seq_len,  # the old name of n_positions, which converters such as llama.cpp's still read
         **SPECIAL_IDS)
 
 
@@ -103,7 +104,8 @@ def config_from_hf(hf: dict, where: str) -> tuple[ModelConfig, list[str]]:
         "add_cross_attention": hf.get("add_cross_attention", False),
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
         "scale_attn_weights=false": not hf.get("scale_attn_weights", True),
-        f"layer_norm_epsilon={hf.get('layer_norm_epsilon')}": hf.get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS,
+        f"layer_norm_epsilon={hf.get('layer_norm_epsilon')}":
+            hf.get("layer_norm_epsilon", LAYER_NORM_EPS) != LAYER_NORM_EPS,
         f"activation_function={hf.get('activation_function')!r}": hf.get("activation_function", "gelu_new")
         not in ACTIVATION_FROM_HF,
         f"n_inner={inner} (not a multiple of n_embd {d_model})": inner % d_model != 0,

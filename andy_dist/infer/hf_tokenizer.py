@@ -42,7 +42,7 @@ def _model_proto(tokenizer: Tokenizer):
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.model_bytes)
     spec = proto.normalizer_spec
-    settings = {"model_type": proto.trainer_spec.model_type == _BPE, "identity normalisation": not spec.precompiled_charsmap,
+    settings = {"BPE": proto.trainer_spec.model_type == _BPE, "identity normalisation": not spec.precompiled_charsmap,
                 "no dummy prefix": not spec.add_dummy_prefix, "whitespace kept": not spec.remove_extra_whitespaces,
                 "spaces escaped": spec.escape_whitespaces, "byte fallback": proto.trainer_spec.byte_fallback}
     missing = [name for name, ok in settings.items() if not ok]
@@ -79,9 +79,9 @@ def fast_tokenizer(tokenizer: Tokenizer):
                              for p in proto.pieces if p.type == _CONTROL])
     fast.add_tokens([AddedToken(p.piece, special=False, normalized=False)
                      for p in proto.pieces if p.type == _USER_DEFINED])
-    bos = SPECIAL_PIECES["bos"]
-    fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {SPECIAL_PIECES['eos']} {bos} $B",
-                                                        special_tokens=[(bos, BOS_ID), (SPECIAL_PIECES["eos"], EOS_ID)])
+    bos, eos = SPECIAL_PIECES["bos"], SPECIAL_PIECES["eos"]
+    fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {eos} {bos} $B",
+                                                        special_tokens=[(bos, BOS_ID), (eos, EOS_ID)])
     fast.encode_special_tokens = True
     return fast
 

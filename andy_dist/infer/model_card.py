@@ -34,9 +34,10 @@ def _or_unknown(value) -> str:
 
 
 def _training(info: dict, cfg: ModelConfig) -> str:
-    """What is known of the training run, e.g. "500 optimizer steps, 8,192,000 tokens, bf16, ZeRO 2 on 8 ranks"."""
-    parts = [template.format(info[key]) for key, template in (
-        ("step", "{} optimizer steps"), ("tokens_seen", "{:,} tokens"), ("precision", "{}")) if info.get(key) is not None]
+    """What is known of the training run, e.g. "500 optimizer steps, 8,192,000 tokens, bf16, ZeRO stage 2 on 8
+    rank(s)"."""
+    known = (("step", "{} optimizer steps"), ("tokens_seen", "{:,} tokens"), ("precision", "{}"))
+    parts = [template.format(info[key]) for key, template in known if info.get(key) is not None]
     if info.get("zero_stage") is not None and info.get("world_size") is not None:
         parts.append(f"ZeRO stage {info['zero_stage']} on {info['world_size']} rank(s)")
     if info.get("averaged_tags"):
@@ -50,12 +51,13 @@ def model_card(cfg: ModelConfig, dtype: str, info: dict) -> str:
     positions = ("sinusoidal, stored as GPT-2's position embedding" if cfg.position_table == "sinusoidal"
                  else "a fixed table (imported as given), stored as GPT-2's position embedding")
     loss = info.get("best_val_loss")
-    val = "not measured" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):.2f}) at step {info.get('best_step')}"
+    val = ("not measured" if loss is None
+           else f"{loss:.4f} (perplexity {math.exp(loss):.2f}) at step {info.get('best_step')}")
     rows = [
         ("parameters", f"{parameter_count(cfg):,} ({'tied' if cfg.tie_embeddings else 'untied'} LM head)"),
         ("vocabulary", f"{cfg.vocab_size:,} SentencePiece BPE pieces, byte fallback; PAD 0, UNK 1, BOS 2, EOS 3"),
-        ("shape", f"d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers, feed-forward "
-                  f"{cfg.ffn_mult}x, {'exact' if cfg.activation == 'gelu' else 'tanh-approximated'} GELU, pre-LayerNorm"),
+        ("shape", f"d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers, feed-forward {cfg.ffn_mult}x, "
+                  f"{'exact' if cfg.activation == 'gelu' else 'tanh-approximated'} GELU, pre-LayerNorm"),
         ("context", f"{cfg.max_seq_len} tokens; positions {positions}"),
         ("weights", dtype),
         ("training data", _or_unknown(info.get("data"))),

@@ -67,8 +67,9 @@ def initial_model(cfg: ModelConfig, source: str | None, tokenizer: Tokenizer) ->
         return model
     state, _, source_tokenizer = _load(source)
     if source_tokenizer is not None and source_tokenizer.sha256 != tokenizer.sha256:
-        raise UserError(f"init_from={source} was trained with another tokenizer (sha256 {source_tokenizer.sha256[:12]}) "
-                        f"than this run's shards ({tokenizer.sha256[:12]}); make the shards with its tokenizer")
+        raise UserError(f"init_from={source} was trained with another tokenizer (sha256 "
+                        f"{source_tokenizer.sha256[:12]}) than this run's shards ({tokenizer.sha256[:12]}); "
+                        f"make the shards with its tokenizer")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise UserError(f"init_from={source} has a vocabulary of {cfg.vocab_size}, this run's tokenizer "
                         f"{tokenizer.vocab_size}")

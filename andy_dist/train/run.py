@@ -129,8 +129,8 @@ def train(argv: list[str] | None = None) -> int:
     from andy_dist.data.stream import TrainStream, ValStream, SeqLenSchedule, open_shards
     from andy_dist.train.engine import build_engine, init_distributed, resolve_ds_config, shutdown_distributed
     from andy_dist.train.flops import MfuMeter
-    from andy_dist.train.metrics import MetricsLogger
     from andy_dist.train.init_from import initial_model
+    from andy_dist.train.metrics import MetricsLogger
     from andy_dist.train.trainer import Trainer, TrainingStopped, TrainState
 
     cfg, dist = plan.cfg, plan.dist

@@ -29,7 +29,7 @@ def command(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess
         pytest.skip(f"{name} is not installed (pip install -e .)")
     result = subprocess.run([str(exe), *map(str, args)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 

@@ -43,6 +43,7 @@ TOOLS = {
     "generate": "tools/generate.py",
     "evaluate": "tools/evaluate.py",
     "report": "tools/report.py",
+    "import_hf": "tools/import_hf.py",
 }
 GARBAGE = b"\xff\xfe\x00\x81PK\x03\x04" + random.Random(7).randbytes(4096)  # not UTF-8, not JSON, not a model
 ERROR_LINE = re.compile(r"^(\S+: )?error: ")  # run_tool's "error: ..." or argparse's "prog: error: ..."
@@ -841,6 +842,179 @@ def export_failure_keeps_previous_output(w, tmp):
     return ("export", ["--int8", w.ckpt, "--tag", "nope", "-o", out], ["nope"], [], {out: b"the previous export"})
 
 
+# --- tools/export.py --hf, tools/import_hf.py, init_from= ----------------------------------------
+def _hf_dir(w) -> Path:
+    """The world's checkpoint as a Hugging Face directory, exported once."""
+    out = w.base / "hf"
+    if not out.is_dir():
+        result = run_here("export", "--hf", out, w.ckpt)
+        assert result.code == 0, result.err
+    return out
+
+
+def _hf_copy(w, tmp, drop=()) -> Path:
+    hf = Path(shutil.copytree(_hf_dir(w), tmp / "hf_copy"))
+    for name in drop:
+        (hf / name).unlink()
+    return hf
+
+
+def _other_family(tmp) -> Path:
+    write(tmp / "llama" / "config.json", json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                     "architectures": ["LlamaForCausalLM"]}))
+    write(tmp / "llama" / "model.safetensors", GARBAGE)
+    return tmp / "llama"
+
+
+@case
+def export_hf_into_a_non_empty_directory(w, tmp):
+    out = write(tmp / "hf" / "notes.txt", "mine")
+    return ("export", ["--hf", out.parent, w.ckpt], ["hf", "not empty", "--force"], [],
+            {out.parent: {"notes.txt": b"mine"}})
+
+
+@case
+def export_hf_from_another_model_family(w, tmp):
+    return ("export", ["--hf", tmp / "out", _other_family(tmp)], ["llama", "not an andy_dist checkpoint"],
+            [tmp / "out"], {})
+
+
+@case
+def export_hf_checkpoint_of_another_family(w, tmp):
+    ckpt = _copy_ckpt(w, tmp)
+    path = ckpt / "step-000002" / "andy_meta.json"
+    meta = json.loads(path.read_text())
+    meta["model_config"] = {"hidden_size": 64, "num_attention_heads": 2, "rope_theta": 10000.0}
+    write(path, json.dumps(meta))
+    return "export", ["--hf", tmp / "out", ckpt], ["unknown model config keys", "rope_theta"], [tmp / "out"], {}
+
+
+@case
+def export_hf_missing_tokenizer(w, tmp):
+    ckpt = _copy_ckpt(w, tmp)
+    (ckpt / "tokenizer.model").unlink()
+    return "export", ["--hf", tmp / "out", ckpt], ["no tokenizer", "--tokenizer"], [tmp / "out"], {}
+
+
+@case
+def export_hf_int8_model_file(w, tmp):
+    return "export", ["--hf", tmp / "out", "--from", w.model], ["int8", "--dequantize"], [tmp / "out"], {}
+
+
+@case
+def export_hf_int8_dtype(w, tmp):
+    return "export", ["--hf", tmp / "out", w.ckpt, "--dtype", "int8"], ["float weights"], [tmp / "out"], {}
+
+
+@case
+def export_hf_from_garbage(w, tmp):
+    return ("export", ["--hf", tmp / "out", "--from", write(tmp / "x.andy", GARBAGE)], ["not an andy model file"],
+            [tmp / "out"], {})
+
+
+@case
+def export_from_without_hf(w, tmp):
+    return "export", ["--from", w.model, "-o", tmp / "m.andy"], ["--hf"], [tmp / "m.andy"], {}
+
+
+@case
+def export_average_last_too_few(w, tmp):
+    tool, args, out = _export(w, tmp, "--average-last", 3)
+    return tool, args, ["--average-last 3", "only 1 step checkpoint"], [out], {}
+
+
+@case
+def export_average_unknown_tag(w, tmp):
+    tool, args, out = _export(w, tmp, "--average", "step-000002", "step-000777")
+    return tool, args, ["step-000777", "available tags"], [out], {}
+
+
+def _import(hf, tmp, *extra):
+    out = tmp / "imported.andy"
+    return "import_hf", [hf, "--out", out, *extra], out
+
+
+@case
+def import_hf_missing_directory(w, tmp):
+    tool, args, out = _import(tmp / "nope", tmp)
+    return tool, args, ["nope", "not a directory"], [out], {}
+
+
+@case
+def import_hf_other_family(w, tmp):
+    tool, args, out = _import(_other_family(tmp), tmp)
+    return tool, args, ["'llama'", "not GPT-2"], [out], {}
+
+
+@case
+def import_hf_pickle_only(w, tmp):
+    hf = _hf_copy(w, tmp, drop=["model.safetensors"])
+    write(hf / "pytorch_model.bin", GARBAGE)
+    tool, args, out = _import(hf, tmp)
+    return tool, args, ["pytorch_model.bin", "pickle"], [out], {}
+
+
+@case
+def import_hf_truncated_weights(w, tmp):
+    hf = _hf_copy(w, tmp)
+    data = (hf / "model.safetensors").read_bytes()
+    write(hf / "model.safetensors", data[: len(data) // 2])
+    tool, args, out = _import(hf, tmp)
+    return tool, args, ["model.safetensors", "not a readable safetensors"], [out], {}
+
+
+@case
+def import_hf_missing_tokenizer(w, tmp):
+    tool, args, out = _import(_hf_copy(w, tmp, drop=["tokenizer.model"]), tmp)
+    return tool, args, ["no tokenizer.model", "--tokenizer"], [out], {}
+
+
+@case
+def import_hf_tokenizer_of_another_size(w, tmp):
+    tool, args, out = _import(_hf_dir(w), tmp, "--tokenizer", w.tok2)
+    return tool, args, ["600 pieces", "2000"], [out], {}
+
+
+@case
+def import_hf_unsupported_gpt2_variant(w, tmp):
+    hf = _hf_copy(w, tmp)
+    config = json.loads((hf / "config.json").read_text())
+    write(hf / "config.json", json.dumps(dict(config, scale_attn_by_inverse_layer_idx=True)))
+    tool, args, out = _import(hf, tmp)
+    return tool, args, ["scale_attn_by_inverse_layer_idx"], [out], {}
+
+
+@case
+def train_old_shards_without_tokenizer(w, tmp):
+    shards = copy_shards(w.shards, tmp / "old")
+    (shards / "tokenizer.model").unlink()
+    tool, args, out = _train(w, tmp, data=shards)
+    args.remove("--tokenizer")
+    args.remove(w.tok)
+    return tool, args, ["no tokenizer at", "--tokenizer"], [out], {}
+
+
+@case
+def train_init_from_missing(w, tmp):
+    return _train_case(w, tmp, ["init_from", "does not exist"], f"init_from={tmp / 'nope.andy'}")
+
+
+@case
+def train_init_from_int8(w, tmp):
+    return _train_case(w, tmp, ["int8", "andy-export --fp32"], f"init_from={w.model}")
+
+
+@case
+def train_init_from_shape_clash(w, tmp):
+    return _train_case(w, tmp, ["fixes the model's shape", "model.n_layers=5"], f"init_from={_hf_dir(w)}",
+                       "model.n_layers=5")
+
+
+@case
+def train_init_from_other_family(w, tmp):
+    return _train_case(w, tmp, ["'llama'", "not GPT-2"], f"init_from={_other_family(tmp)}")
+
+
 # --- tools/generate.py -------------------------------------------------------------------------
 def _gen(model, *extra):
     return "generate", [model, "--prompt", "import os", "--max-new-tokens", 4, "--seed", 1, *extra]
@@ -1157,6 +1331,7 @@ PROCESS_CASES = {
     "generate": "gen_truncated_model",
     "evaluate": "eval_data_of_another_tokenizer",
     "report": "report_no_metrics",
+    "import_hf": "import_hf_other_family",
 }
 
 

@@ -51,7 +51,8 @@ def test_a_console_command_and_its_script_print_the_same_help():
     outputs = [subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
                for cmd in ([str(exe), "--help"], [sys.executable, str(ROOT / "tools/evaluate.py"), "--help"])]
     assert all(o.returncode == 0 for o in outputs), [o.stderr for o in outputs]
-    words = [" ".join(o.stdout.replace(prog, "PROG", 1).split()) for o, prog in zip(outputs, ("andy-evaluate", "evaluate.py"))]
+    progs = ("andy-evaluate", "evaluate.py")
+    words = [" ".join(o.stdout.replace(prog, "PROG", 1).split()) for o, prog in zip(outputs, progs)]
     assert words[0] == words[1] and "--ensemble" in words[0]  # the same text, however argparse wraps the name
 
 

@@ -192,7 +192,7 @@ def test_a_gpt2_from_transformers_imports_with_its_position_table_kept_as_given(
     model, directory = foreign_gpt2
     imported = import_hf_model(directory)
     cfg = imported.cfg
-    assert (cfg.position_table, cfg.activation, cfg.max_seq_len, cfg.tie_embeddings) == ("stored", "gelu_tanh", 512, True)
+    assert (cfg.position_table, cfg.activation, cfg.max_seq_len) == ("stored", "gelu_tanh", 512) and cfg.tie_embeddings
     assert any("1024" in note for note in imported.notes)
     ours = AndyLM(cfg.replace(dropout=0.0)).eval()
     ours.load_state_dict(imported.state)
@@ -261,3 +261,29 @@ def test_ensemble_perplexity_is_that_of_the_mean_distribution(models, train_shar
         total, count = total - float(picked.log().sum()), count + int(real.sum())
     assert ensemble["target_tokens"] == count
     assert ensemble["loss"] == pytest.approx(total / count, rel=1e-6)
+
+
+def test_a_failed_export_leaves_nothing_and_force_replaces_only_when_finished(models, tmp_path, monkeypatch):
+    import andy_dist.infer.hf_export as hf_export
+
+    path, _ = models["untied"]
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("simulated crash while writing the tokenizer")
+
+    monkeypatch.setattr(hf_export, "save_hf_tokenizer", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_main("--hf", tmp_path / "new", "--from", path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no temporary folder
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "config.json").write_text("the previous export")
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_main("--hf", previous, "--from", path, "--force")
+    assert [p.name for p in tmp_path.iterdir()] == ["previous"]
+    assert [p.name for p in previous.iterdir()] == ["config.json"]
+    assert (previous / "config.json").read_text() == "the previous export"
+    monkeypatch.undo()
+    assert export_main("--hf", previous, "--from", path, "--force") == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["previous"]
+    assert json.loads((previous / "config.json").read_text())["model_type"] == "gpt2"
