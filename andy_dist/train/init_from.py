@@ -10,6 +10,7 @@ loads its checkpoint over them as usual. The run's tokenizer (the shards') must 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -52,9 +53,9 @@ def init_model_config(source: str, run_model: ModelConfig, overrides: dict) -> M
     """The source's shape with the run's dropout and activation checkpointing; a `model.*` override of the shape
     that contradicts the source is an error."""
     _, cfg, _ = _load(source)
-    shape = {k: v for k, v in cfg.to_dict().items() if k not in RUN_KEYS}
-    clashes = [f"model.{k}={v!r} (the source has {shape.get(k)!r})" for k, v in overrides.items()
-               if k not in RUN_KEYS and k in shape and shape[k] != v]
+    shape = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_KEYS}
+    clashes = [f"model.{k}={v!r} (the source has {shape[k]!r})" for k, v in overrides.items()
+               if k in shape and shape[k] != v]
     if clashes:
         raise ConfigError(f"init_from={source} fixes the model's shape; drop {', '.join(clashes)}")
     return cfg.replace(**{k: getattr(run_model, k) for k in RUN_KEYS})
