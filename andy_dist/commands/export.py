@@ -107,6 +107,10 @@ def _model_file_source(args):
     return state, cfg, tokenizer, info
 
 
+def _step(info: dict) -> str:
+    return f", step {info['step']}" if info.get("step") is not None else ""
+
+
 def main(argv=None) -> int:
     from pathlib import Path
 
@@ -125,13 +129,13 @@ def main(argv=None) -> int:
     if args.hf:
         out = write_hf_directory(args.hf, state, cfg, tokenizer, dtype=dtype, force=args.force,
                                  card=dict(info, path=args.hf, name=Path(args.hf).name))
-        print(f"wrote {out} (Hugging Face GPT-2 format, {dtype}) from {info['made_from']}, step {info.get('step')}")
+        print(f"wrote {out} (Hugging Face GPT-2 format, {dtype}) from {info['made_from']}{_step(info)}")
         return 0
     source = {k: v for k, v in info.items() if k != "made_from"}
     path = save_model_file(args.output, state, cfg, tokenizer, dtype=dtype, source=source,
                            quantize_embeddings=not args.float_embeddings)
     size = path.stat().st_size / 1e6
-    print(f"wrote {path} ({size:.2f} MB, {dtype}) from {info['made_from']}, step {info.get('step')}")
+    print(f"wrote {path} ({size:.2f} MB, {dtype}) from {info['made_from']}{_step(info)}")
     return 0
 
 
