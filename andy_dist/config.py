@@ -14,6 +14,10 @@ from typing import Any
 from andy_dist import UserError
 
 MAX_SEQ_LEN = 512
+POSITION_TABLES = ("sinusoidal", "stored")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+# ModelConfig fields added after checkpoints and model files were first written, with their defaults.
+_LATER_FIELDS = {"position_table": "sinusoidal", "activation": "gelu"}
 
 
 # Keys that older versions wrote into a model config and that are no longer part of a model's shape.
@@ -44,6 +48,12 @@ class ModelConfig:
     """Dropout on embeddings, attention probabilities and residual branches during training."""
     tie_embeddings: bool = False
     """Share the input embedding with the LM head. Off by default: see README (parameter counts)."""
+    position_table: str = "sinusoidal"
+    """Where position vectors come from. "sinusoidal": computed from the shape, never saved. "stored": a fixed
+    (max_seq_len, d_model) table held in the weights as `positions` and never trained, e.g. a GPT-2 model's
+    learned position embedding kept as given on import (`andy_dist.infer.hf_import`); it starts as the sinusoid."""
+    activation: str = "gelu"
+    """Feed-forward activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation GPT-2 was trained with)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_mult"):
@@ -65,6 +75,10 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.vocab_size <= 4:
             raise ConfigError(f"model.vocab_size must exceed the 4 special ids, got {self.vocab_size}")
+        if self.position_table not in POSITION_TABLES:
+            raise ConfigError(f"model.position_table must be one of {POSITION_TABLES}, got {self.position_table!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     @property
     def head_dim(self) -> int:
@@ -74,7 +88,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict; those added after the first release only when they differ from their default,
+        so the configs in earlier checkpoints and model files still compare equal to today's."""
+        data = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

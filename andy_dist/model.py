@@ -127,9 +127,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model)
         self.out = nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        return self.out(F.gelu(self.fc(x)))
+        return self.out(F.gelu(self.fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -156,7 +157,9 @@ class AndyLM(nn.Module):
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        # A buffer, never a parameter: not trained. Saved with the weights only when it is a stored table.
+        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
+                             persistent=cfg.position_table == "stored")
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model)

@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -383,26 +382,3 @@ samples.jsonl and config.json only.</p>
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return pngs
-
-
-def wandb_report(runs: list[Run], title: str) -> str:
-    """Create a W&B report with the same plots for runs synced to W&B; return its URL.
-
-    Needs the `wandb-workspaces` package and a login; not exercised by the tests (no network).
-    """
-    try:
-        import wandb_workspaces.reports.v2 as wr
-    except ImportError:
-        raise UserError("--wandb-report needs the wandb-workspaces package: pip install wandb-workspaces")
-    synced = [run for run in runs if run.wandb.get("id")]
-    if not synced:
-        raise UserError("--wandb-report: none of these runs has a W&B run (wandb.json); was W&B disabled?")
-    if any(run.wandb.get("mode") == "offline" for run in synced):
-        print("note: offline runs must be synced first: wandb sync RUN/wandb/offline-run-*", file=sys.stderr)
-    project, entity = synced[0].wandb.get("project"), synced[0].wandb.get("entity")
-    panels = [wr.LinePlot(x="step", y=list(plot.keys), title=plot.title) for plot in PLOTS if plot.x == "step"]
-    report = wr.Report(project=project, entity=entity, title=title,
-                       description="Runs: " + ", ".join(f"{run.label} ({run.wandb['id']})" for run in synced))
-    report.blocks = [wr.H1(title), wr.PanelGrid(runsets=[wr.Runset(project=project, entity=entity)], panels=panels)]
-    report.save()
-    return report.url

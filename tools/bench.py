@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-SECTIONS = sorted(p.stem for p in (ROOT / "tools" / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+# Run as a script, this file's folder (tools/) comes first on sys.path, so the sections import as `benchmarks.*`.
+SECTIONS = sorted(p.stem for p in (Path(__file__).resolve().parent / "benchmarks").glob("*.py")
+                  if not p.stem.startswith("_"))
 
 
 def main() -> int:
@@ -27,7 +26,7 @@ def main() -> int:
         print(f"\nsections: {', '.join(SECTIONS)}", file=sys.stderr)
         return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
     name = sys.argv[1]
-    module = importlib.import_module(f"tools.benchmarks.{name}")
+    module = importlib.import_module(f"benchmarks.{name}")
     parser = argparse.ArgumentParser(prog=f"bench.py {name}", description=module.__doc__)
     module.add_arguments(parser)
     parser.add_argument("--out", help="write the figures to this JSON file")

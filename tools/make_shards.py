@@ -1,46 +1,7 @@
 #!/usr/bin/env python
-"""Tokenize text into WebDataset tar shards for training (see andy_dist/data/shard_writer.py for the format).
+"""The same program as andy_dist/commands/make_shards.py (see its docstring, or --help)."""
 
-    python tools/make_shards.py --input PATH [PATH ...] --tokenizer DIR/tokenizer.model --out shards/NAME
-        [--val-fraction F] [--shard-size-mb M] [--workers N] [--max-seq-len 512]
-
-PATH: a .txt file (one document), a .jsonl file (one {"text": ...} per line), a directory or a glob.
-Empty and exactly duplicated documents are dropped and counted; documents longer than --max-seq-len
-tokens (BOS and EOS included) are cut into nearly equal pieces. Reruns give byte-identical shards.
-"""
-
-import argparse
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.data.shard_writer import summary, write_shards  # noqa: E402
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files, directories or globs")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.model (or its directory)")
-    parser.add_argument("--out", required=True, help="output directory, e.g. shards/NAME (replaced if it is one)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="share of documents for validation, chosen deterministically (default 0.01)")
-    parser.add_argument("--shard-size-mb", type=float, default=64.0, help="target size of one tar shard")
-    parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
-    parser.add_argument("--max-seq-len", type=int, default=512,
-                        help="longest sample in tokens, BOS/EOS included; longer documents are cut")
-    args = parser.parse_args()
-    start = time.time()
-    manifest = write_shards(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                            shard_size_mb=args.shard_size_mb, workers=args.workers, max_seq_len=args.max_seq_len)
-    seconds = time.time() - start
-    print(summary(manifest))
-    megabytes = manifest["stats"]["bytes_in"] / 1e6
-    print(f"wrote {args.out} in {seconds:.1f}s ({megabytes / max(seconds, 1e-9):.2f} MB/s of text)")
-    return 0
-
+from andy_dist.commands.make_shards import run
 
 if __name__ == "__main__":
-    run_tool(main)
+    run()

@@ -1,28 +1,7 @@
 #!/usr/bin/env python
-"""Print each Andy-LLM size's shape and parameter count as the code computes it.
+"""The same program as andy_dist/commands/model_sizes.py (see its docstring, or --help)."""
 
-    python tools/model_sizes.py
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from andy_dist.config import SIZES  # noqa: E402
-from andy_dist.model import AndyLM  # noqa: E402
-
-DOCUMENTED = {"tiny": "~5M", "small": "~20M", "medium": "~100M"}
-
-
-def main() -> None:
-    print(f"{'size':<8}{'vocab':>8}{'d':>6}{'heads':>7}{'layers':>8}{'params':>14}{'tied':>14}{'documented':>12}")
-    for name, cfg in SIZES.items():
-        untied = AndyLM(cfg).num_parameters()
-        tied = AndyLM(cfg.replace(tie_embeddings=True)).num_parameters()
-        print(f"{name:<8}{cfg.vocab_size:>8,}{cfg.d_model:>6}{cfg.n_heads:>7}{cfg.n_layers:>8}{untied:>14,}{tied:>14,}"
-              f"{DOCUMENTED[name]:>12}")
-
+from andy_dist.commands.model_sizes import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,39 +1,7 @@
 #!/usr/bin/env python
-"""Train the SentencePiece BPE tokenizer (PAD 0, UNK 1, BOS 2, EOS 3) on text files.
+"""The same program as andy_dist/commands/train_tokenizer.py (see its docstring, or --help)."""
 
-    python tools/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --out DIR
-
-PATH: a .txt file (one document), a .jsonl file (one {"text": ...} per line), a directory or a glob.
-"""
-
-import argparse
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from andy_dist.cli import run_tool  # noqa: E402
-from andy_dist.data.corpus import iter_documents, resolve_inputs, total_bytes  # noqa: E402
-from andy_dist.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files, directories or globs")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--out", required=True, help="output directory for tokenizer.model and tokenizer.vocab")
-    parser.add_argument("--sample-sentences", type=int, default=2_000_000,
-                        help="at most this many lines are sampled for training (bounds memory)")
-    args = parser.parse_args()
-    files = resolve_inputs(args.input)
-    start = time.time()
-    model_path = train_tokenizer(iter_documents(files), args.vocab_size, args.out, args.sample_sentences)
-    tokenizer = Tokenizer.from_file(model_path)
-    print(f"wrote {model_path} ({tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}) "
-          f"from {len(files)} file(s), {total_bytes(files) / 1e6:.2f} MB, in {time.time() - start:.1f}s")
-    return 0
-
+from andy_dist.commands.train_tokenizer import run
 
 if __name__ == "__main__":
-    run_tool(main)
+    run()

@@ -7,6 +7,8 @@ Written by `andy_dist.data.shard_writer` (see its docstring for how samples are 
                                 `00000042.lengths.npy` (uint32) and `00000042.tokens.npy` (`token_dtype`)
     val-000000.tar, ...         the same for the validation split
     train-lengths.npy, ...      every sample's token count, in sample-id order
+    tokenizer.model             a copy of the tokenizer (its sha256 is in the manifest), so training needs
+                                only --data; sets made before this copy existed lack it (pass --tokenizer)
     manifest.json               written last (its presence marks a complete set): format name and
                                 version, tokenizer, dtype, counts, and per shard its size, sha256 and
                                 the byte offset and sample count of every block
@@ -27,6 +29,7 @@ from andy_dist import UserError
 FORMAT_NAME = "andy-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
 LENGTHS_MEMBER = "lengths.npy"
 TOKENS_MEMBER = "tokens.npy"

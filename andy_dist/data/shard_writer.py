@@ -6,6 +6,8 @@ Layout of a shard set `shards/NAME/`:
     train-000000.tar, train-000001.tar, ...   WebDataset tar shards of the training split
     val-000000.tar, ...                       the same for the validation split
     train-lengths.npy, val-lengths.npy        the token count of every sample, in sample-id order
+    tokenizer.model                           a copy of the tokenizer (its sha256 is in the manifest), so
+                                              training needs only --data; older sets lack it (pass --tokenizer)
     manifest.json                             written last: hashes, counts, statistics (see below)
 
 Tar members. Samples are packed many per member ("blocks"): block `00000042` is the two members
@@ -59,6 +61,7 @@ from andy_dist.data.shard_format import (
     LENGTHS_MEMBER,
     MANIFEST,
     SPLITS,
+    TOKENIZER_FILE,
     TOKENS_MEMBER,
     block_key,
     lengths_name,
@@ -303,6 +306,7 @@ def write_shards(
         manifest = _manifest(tok, dtype, max_seq_len, val_fraction, files, cleaning,
                              {split: w.finish() for split, w in writers.items()})
         _check_not_empty(manifest, cleaning, split_rule, val_fraction)
+        (partial / TOKENIZER_FILE).write_bytes(tok.model_bytes)
         write_manifest(partial, manifest)  # last: its presence marks a complete set
         _replace_directory(partial, out)
     except BaseException:

@@ -72,7 +72,8 @@ def _merge_zero3(flat_groups: list[list[torch.Tensor]], param_shapes: list[dict]
 
 
 def _zero0_weights(model_states: dict) -> dict:
-    module = model_states["module"]
+    buffers = set(model_states.get("buffer_names") or ())
+    module = {name: t for name, t in model_states["module"].items() if name not in buffers}
     optimizer = model_states.get("optimizer") or {}
     flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
     if not flats:
@@ -117,7 +118,11 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
             state = _merge_zero3([o["fp32_flat_groups"] for o in optim], param_shapes)
     else:
         state = _zero0_weights(model_states)
-    for alias, source in model_states.get("shared_params") or []:
+    for name in model_states.get("buffer_names") or ():  # a stored position table: whole in every module file
+        if name in model_states["module"]:
+            state.setdefault(name, model_states["module"][name].float().clone())
+    shared = model_states.get("shared_params") or {}  # DeepSpeed: {name not stored: name holding the data}
+    for alias, source in shared.items() if isinstance(shared, dict) else shared:
         state.setdefault(alias, state[source])
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed.weight"])
@@ -135,3 +140,14 @@ def _check_keys(state: dict, cfg: ModelConfig, where: Path) -> None:
         wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         raise UserError(f"{where} does not match its model_config: missing {missing[:5]}, unexpected {extra[:5]}, "
                         f"wrong shapes {wrong[:5]}")
+
+
+def describe_checkpoint(meta: dict) -> dict:
+    """What a model file or model card records of the checkpoint it came from."""
+    trainer = meta.get("trainer_state") or {}
+    info = {k: meta.get(k) for k in ("checkpoint", "tag", "zero_stage", "world_size", "precision", "data")}
+    info.update(step=trainer.get("step", meta.get("step")), tokens_seen=trainer.get("tokens_seen"),
+                best_val_loss=trainer.get("best_val_loss"), best_step=trainer.get("best_step"))
+    if meta.get("averaged_tags"):
+        info["averaged_tags"] = list(meta["averaged_tags"])
+    return info

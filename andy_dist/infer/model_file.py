@@ -185,7 +185,8 @@ def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtyp
                         f"unexpected {unexpected[:5]}")
     if cfg.tie_embeddings and not isinstance(model.lm_head, Int8Linear):
         model.lm_head.weight = model.embed.weight
-    model.positions = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
+    if cfg.position_table == "sinusoidal":  # not saved: computed again (a stored table came with the weights)
+        model.positions = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -207,3 +208,26 @@ def load_model_file(path: str | Path, device="cpu", dtype=None, int8_kernel: str
     info["file_bytes"] = Path(path).stat().st_size
     info["path"] = str(path)
     return model, tokenizer, info
+
+
+def read_float_weights(path: str | Path, dequantize: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig,
+                                                                           Tokenizer, dict]:
+    """(fp32 state dict as `AndyLM.state_dict()`, config, tokenizer, info) of a model file, for re-export.
+
+    An int8 file is refused unless `dequantize`: its weights then carry the int8 rounding into the float copy.
+    """
+    tensors, info = read_model_file(path)
+    tokenizer = Tokenizer(tensors.pop(TOKENIZER_KEY).numpy().tobytes(), source=f"{path}:{TOKENIZER_KEY}")
+    cfg = ModelConfig.from_dict(info["model_config"])
+    if info["quantization"]["scheme"] != "none" and not dequantize:
+        raise UserError(f"{path} holds int8 weights; pass --dequantize to export them as floats (the int8 "
+                        f"rounding stays in them), or export from the training checkpoint instead")
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        state[name] = dequantize_tensor(tensor, scale) if scale is not None else tensor.float()
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state, cfg, tokenizer, info

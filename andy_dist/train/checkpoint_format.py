@@ -93,14 +93,20 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
     _write_atomic(Path(ckpt_dir) / LATEST_FILE, tag + "\n")
 
 
-def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
-    """(checkpoints directory, tag directory name) for `path` (CKPT or a run directory holding
-    checkpoints/) and `tag` ("latest", "best" or a tag name)."""
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoints directory named by `path`: CKPT itself, or a run directory holding checkpoints/."""
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint directory {ckpt} does not exist; pass runs/NAME/checkpoints")
     if not (ckpt / LATEST_FILE).exists() and (ckpt / "checkpoints").is_dir():
         ckpt = ckpt / "checkpoints"
+    return ckpt
+
+
+def resolve_checkpoint(path: str | Path, tag: str = "latest") -> tuple[Path, str]:
+    """(checkpoints directory, tag directory name) for `path` (CKPT or a run directory holding
+    checkpoints/) and `tag` ("latest", "best" or a tag name)."""
+    ckpt = checkpoint_dir(path)
     if tag == "latest":
         tag = read_latest(ckpt, fix=f"pass --tag with one of {complete_tags(ckpt)}")
         if tag is None:

@@ -28,7 +28,6 @@ from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
 from andy_dist.data.tokenizer import Tokenizer
-from andy_dist.model import AndyLM
 from andy_dist.sweep.trial_hook import trial_evaluation_hook
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
@@ -36,6 +35,7 @@ from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_
 from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
+from andy_dist.train.init_from import init_model_config, initial_model
 from andy_dist.train.metrics import MetricsLogger
 from andy_dist.train.samples import TrainingSamples
 from andy_dist.train.settings import TrainConfig, load_train_config
@@ -122,8 +122,10 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
-    return RunPlan(dist, cfg, size, model_config(size, **cfg.model), batch, precision, zero_stage, checkpointing, ds,
-                   device, micro)
+    model = model_config(size, **cfg.model)
+    if cfg.init_from:  # the shape of the weights training starts from
+        model = init_model_config(cfg.init_from, model, cfg.model)
+    return RunPlan(dist, cfg, size, model, batch, precision, zero_stage, checkpointing, ds, device, micro)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +147,9 @@ class RunData:
 def _tokenizer_for(tokenizer_arg: str | None, data_dir: Path) -> Tokenizer:
     path = Path(tokenizer_arg) if tokenizer_arg else data_dir / "tokenizer.model"
     if not path.exists():
-        raise UserError(f"no tokenizer at {path}; pass --tokenizer DIR/tokenizer.model (the one the shards were "
-                        f"made with)")
+        hint = "" if tokenizer_arg else " (shard sets made before make_shards copied the tokenizer have none)"
+        raise UserError(f"no tokenizer at {path}{hint}; pass --tokenizer DIR/tokenizer.model (the one the shards "
+                        f"were made with)")
     return Tokenizer.from_file(path)
 
 
@@ -211,7 +214,7 @@ def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, fault
                                             cfg.schedule.lr_decay_steps or data.total_steps, plan.precision,
                                             plan.zero_stage, load_universal=resume is not None and resume.universal)
     torch.manual_seed(cfg.seed)
-    model = AndyLM(plan.model, activation_checkpointing=plan.activation_checkpointing)
+    model = initial_model(plan.model, cfg.init_from, data.tokenizer, plan.activation_checkpointing)
     faults.install(model)
     engine = ds_engine.build_engine(model, ds_config, cfg.optim.weight_decay)
     if resume is None:

@@ -159,6 +159,9 @@ class TrainConfig:
     """Seeds the model init, the data order and dropout (dropout is re-seeded from (seed, step, rank))."""
     model: dict = field(default_factory=dict)
     """Overrides of ModelConfig fields, e.g. model.vocab_size=2000 or model.dropout=0.0."""
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a float .andy file or a Hugging Face GPT-2 directory
+    (tools/import_hf.py). The model's shape comes from them; dropout and activation checkpointing from the run."""
     optim: OptimSettings = field(default_factory=OptimSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -170,7 +173,8 @@ class TrainConfig:
     def flat(self) -> dict[str, Any]:
         """Every setting under its flat name (lists for tuples): what W&B and the report show, and what
         `--config` reads back."""
-        values: dict[str, Any] = {"size": self.size, "seed": self.seed, "model": dict(self.model)}
+        values: dict[str, Any] = {"size": self.size, "seed": self.seed, "model": dict(self.model),
+                                  "init_from": self.init_from}
         for flat_name, (group, name) in FLAT_NAMES.items():
             value = getattr(getattr(self, group), name)
             values[flat_name] = list(value) if isinstance(value, tuple) else value
@@ -309,7 +313,7 @@ def load_train_config(yaml_path: str | None = None, overrides: list[str] = (), *
         else:
             values.update(_flatten_groups({group: {name: _parse_value(text)}} if name else {key: _parse_value(text)}))
     values.update({k: v for k, v in explicit.items() if v is not None})
-    top = {"size": "str | None", "seed": "int"}
+    top = {"size": "str | None", "seed": "int", "init_from": "str | None"}
     unknown = sorted(set(values) - set(FLAT_NAMES) - set(top) - {"model"})
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted([*FLAT_NAMES, *top, 'model'])}")

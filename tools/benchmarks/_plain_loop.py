@@ -10,17 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from andy_dist.cli import mark_distributed_process, run_tool  # noqa: E402
-from andy_dist.config import model_config  # noqa: E402
-from andy_dist.data.shard_reader import open_shards  # noqa: E402
-from andy_dist.data.stream import TrainStream  # noqa: E402
-from andy_dist.model import AndyLM  # noqa: E402
+from andy_dist.cli import mark_distributed_process, run_tool
+from andy_dist.config import model_config
+from andy_dist.data.shard_reader import open_shards
+from andy_dist.data.stream import TrainStream
+from andy_dist.model import AndyLM
 
 
 def main(shards_dir: str, out: str, steps: int, warmup: int, micro: int, accum: int, vocab: int) -> None:

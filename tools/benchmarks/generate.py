@@ -189,8 +189,8 @@ def quality(args) -> dict:
     """Train a tiny model briefly, export fp32 / int8 / int8 with float embeddings, compare."""
     from andy_dist.data.corpus import Document
     from andy_dist.data.tokenizer import Tokenizer, train_tokenizer
+    from andy_dist.infer.evaluation import evaluate_batches, text_batches
     from andy_dist.infer.model_file import load_model_file, save_model_file
-    from tools.evaluate import evaluate_batches, text_batches
 
     text, name = _corpus_text()
     cut = int(len(text) * 0.9)

@@ -40,6 +40,7 @@ TOOLS = {
     "generate": "tools/generate.py",
     "evaluate": "tools/evaluate.py",
     "report": "tools/report.py",
+    "import_hf": "tools/import_hf.py",
 }
 GARBAGE = b"\xff\xfe\x00\x81PK\x03\x04" + random.Random(7).randbytes(4096)  # not UTF-8, not JSON, not a model
 ERROR_LINE = re.compile(r"^(\S+: )?error: ")  # run_tool's "error: ..." or argparse's "prog: error: ..."

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.bad_inputs.hf_inputs import other_family
 from tests.reliability.bad_inputs.runner import (
     GARBAGE,
     Cases,
@@ -177,6 +178,70 @@ def export_output_under_a_file(w, tmp):
 def export_failure_keeps_previous_output(w, tmp):
     out = write(tmp / "model.andy", b"the previous export")
     return ("export", ["--int8", w.ckpt, "--tag", "nope", "-o", out], ["nope"], [], {out: b"the previous export"})
+
+
+# --- --hf, --from, --average ------------------------------------------------------------------
+@case
+def export_hf_into_a_non_empty_directory(w, tmp):
+    out = write(tmp / "hf" / "notes.txt", "mine")
+    return ("export", ["--hf", out.parent, w.ckpt], ["hf", "not empty", "--force"], [],
+            {out.parent: {"notes.txt": b"mine"}})
+
+
+@case
+def export_hf_from_another_model_family(w, tmp):
+    return ("export", ["--hf", tmp / "out", other_family(tmp)], ["llama", "not an andy_dist checkpoint"],
+            [tmp / "out"], {})
+
+
+@case
+def export_hf_checkpoint_of_another_family(w, tmp):
+    ckpt = _copy_ckpt(w, tmp)
+    path = ckpt / "step-000002" / "andy_meta.json"
+    meta = json.loads(path.read_text())
+    meta["model_config"] = {"hidden_size": 64, "num_attention_heads": 2, "rope_theta": 10000.0}
+    write(path, json.dumps(meta))
+    return "export", ["--hf", tmp / "out", ckpt], ["unknown model config keys", "rope_theta"], [tmp / "out"], {}
+
+
+@case
+def export_hf_missing_tokenizer(w, tmp):
+    ckpt = _copy_ckpt(w, tmp)
+    (ckpt / "tokenizer.model").unlink()
+    return "export", ["--hf", tmp / "out", ckpt], ["no tokenizer", "--tokenizer"], [tmp / "out"], {}
+
+
+@case
+def export_hf_int8_model_file(w, tmp):
+    return "export", ["--hf", tmp / "out", "--from", w.model], ["int8", "--dequantize"], [tmp / "out"], {}
+
+
+@case
+def export_hf_int8_dtype(w, tmp):
+    return "export", ["--hf", tmp / "out", w.ckpt, "--dtype", "int8"], ["float weights"], [tmp / "out"], {}
+
+
+@case
+def export_hf_from_garbage(w, tmp):
+    return ("export", ["--hf", tmp / "out", "--from", write(tmp / "x.andy", GARBAGE)], ["not an andy model file"],
+            [tmp / "out"], {})
+
+
+@case
+def export_from_without_hf(w, tmp):
+    return "export", ["--from", w.model, "-o", tmp / "m.andy"], ["--hf"], [tmp / "m.andy"], {}
+
+
+@case
+def export_average_last_too_few(w, tmp):
+    tool, args, out = _export(w, tmp, "--average-last", 3)
+    return tool, args, ["--average-last 3", "only 1 step checkpoint"], [out], {}
+
+
+@case
+def export_average_unknown_tag(w, tmp):
+    tool, args, out = _export(w, tmp, "--average", "step-000002", "step-000777")
+    return tool, args, ["step-000777", "available tags"], [out], {}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.launching import train
+from tests.reliability.bad_inputs.hf_inputs import hf_dir, other_family
 from tests.reliability.bad_inputs.runner import (
     GARBAGE,
     Cases,
@@ -252,6 +253,38 @@ def train_out_under_a_file(w, tmp):
     tool, args, _ = _train(w, tmp)
     args[args.index("--out") + 1] = a_file(tmp) / "run"
     return tool, args, ["--out", "a_file.txt"], [], {}
+
+
+# --- init_from= and shard sets without their tokenizer -------------------------------------------
+@case
+def train_old_shards_without_tokenizer(w, tmp):
+    shards = copy_shards(w.shards, tmp / "old")
+    (shards / "tokenizer.model").unlink()
+    tool, args, out = _train(w, tmp, data=shards)
+    args.remove("--tokenizer")
+    args.remove(w.tok)
+    return tool, args, ["no tokenizer at", "--tokenizer"], [out], {}
+
+
+@case
+def train_init_from_missing(w, tmp):
+    return _train_case(w, tmp, ["init_from", "does not exist"], f"init_from={tmp / 'nope.andy'}")
+
+
+@case
+def train_init_from_int8(w, tmp):
+    return _train_case(w, tmp, ["int8", "andy-export --fp32"], f"init_from={w.model}")
+
+
+@case
+def train_init_from_shape_clash(w, tmp):
+    return _train_case(w, tmp, ["fixes the model's shape", "model.n_layers=5"], f"init_from={hf_dir(w)}",
+                       "model.n_layers=5")
+
+
+@case
+def train_init_from_other_family(w, tmp):
+    return _train_case(w, tmp, ["'llama'", "not GPT-2"], f"init_from={other_family(tmp)}")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""The same program as andy_dist/commands/import_hf.py (see its docstring, or --help)."""
+
+from andy_dist.commands.import_hf import run
+
+if __name__ == "__main__":
+    run()
