@@ -26,6 +26,7 @@ SCRIPTS = {
     "andy-evaluate": "tools/evaluate.py",
     "andy-report": "tools/report.py",
     "andy-import-hf": "tools/import_hf.py",
+    "andy-sweep": "tools/sweep.py",
 }
 
 
