@@ -30,10 +30,17 @@ from safetensors.torch import load_file, save_file
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UNK_ID, UserError
 from andy_dist.cli import atomic_path
 from andy_dist.config import ModelConfig
-from andy_dist.model import AndyLM, sinusoidal_table
-from andy_dist.infer.quantize import (SCALE_SUFFIX, SCHEME, Int8Linear, dequantize_tensor, quantize_state_dict,
-                                swap_int8_linears)
 from andy_dist.data.tokenizer import Tokenizer
+from andy_dist.infer.quantize import (
+    SCALE_SUFFIX,
+    SCHEME,
+    Int8Linear,
+    dequantize_tensor,
+    prepare_int8,
+    quantize_state_dict,
+    swap_int8_linears,
+)
+from andy_dist.model import AndyLM
 
 FORMAT = "andy-model"
 FORMAT_VERSION = 1
@@ -159,7 +166,7 @@ def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtyp
         if quantized and torch.device(device).type == "cuda":
             dtype = torch.bfloat16
     with torch.device("meta"):
-        model = AndyLM(cfg)
+        model = AndyLM(cfg, init_weights=False)
     weights = {k: v for k, v in tensors.items() if k != TOKENIZER_KEY}
     if quantized:
         swap_int8_linears(model, weights, int8_kernel)
@@ -175,11 +182,13 @@ def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtyp
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in missing if not isinstance(_owner(model, k), Int8Linear)]
     if missing or unexpected:
-        raise UserError(f"model file does not match its model_config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"model file does not match its model_config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
     if cfg.tie_embeddings and not isinstance(model.lm_head, Int8Linear):
         model.lm_head.weight = model.embed.weight
-    model.positions = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    prepare_int8(model, dtype)  # kernel choice and weight packing at load time, not in the first step
+    return model
 
 
 def _owner(model: torch.nn.Module, key: str) -> torch.nn.Module:
