@@ -24,6 +24,7 @@ penalty's sign rule applies to logits as documented in `andy_dist.infer.token_sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
 import torch
@@ -78,6 +79,32 @@ def _rows_to_keep(finished: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([running, stopped[: size - len(running)]]).sort().values
 
 
+def _seen_ids(ids: torch.Tensor, prompts: list[list[int]], unseen_prefix: list[int], steps: int) -> torch.Tensor:
+    """(B, P + steps) the ids the repetition penalty counts: the prompt but each row's unseen prefix,
+    then PAD where the generated tokens will be written."""
+    B, P = ids.shape
+    seen = torch.full((B, P + steps), PAD_ID, dtype=torch.long, device=ids.device)
+    seen[:, :P] = ids
+    for i, p in enumerate(prompts):
+        seen[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
+    return seen
+
+
+@dataclass
+class _Rows:
+    """What each row still in the batch carries; rows leave together with all of it."""
+
+    index: torch.Tensor  # (b,) the row's place in the caller's batch
+    finished: torch.Tensor  # (b,) bool: stopped (EOS or budget), fed PAD from now on
+    budget: torch.Tensor  # (b,) new tokens the row may have
+    positions: torch.Tensor  # (b, 1) the position id of its next token
+    mask: torch.Tensor  # (b, S) key mask over the cache
+    seen: Optional[torch.Tensor]  # (b, P + steps) ids for the repetition penalty, or None
+
+    def keep(self, rows: torch.Tensor) -> "_Rows":
+        return _Rows(*(None if v is None else v[rows] for v in (getattr(self, f.name) for f in fields(self))))
+
+
 @torch.inference_mode()
 def _generate_batch(
     decoders: list[Decoder], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
@@ -91,53 +118,42 @@ def _generate_batch(
     steps = min(max(budgets), max_len - P)
     length = decoders[0].cache_length(P + steps)  # every decoder of an ensemble buckets alike
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    budget = torch.tensor(budgets, device=device)
     ids, mask = _left_padded(prompts, length, device)
     padded = bool((lengths < P).any())  # without padding the causal fast path needs no mask
-    seen = None  # (B, P + steps) the ids the repetition penalty counts: prompt, then generated
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.full((B, P + steps), PAD_ID, dtype=torch.long, device=device)
-        seen[:, :P] = ids
-        for i, p in enumerate(prompts):  # all but each row's unseen prefix
-            seen[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
+    live = _Rows(torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device),
+                 torch.tensor(budgets, device=device), lengths.clone()[:, None], mask,
+                 _seen_ids(ids, prompts, unseen_prefix, steps) if sampling.repetition_penalty != 1.0 else None)
     caches = [d.new_cache(B, length) for d in decoders]
-    positions = lengths.clone()[:, None]  # (B, 1) next position of each row
     write_at = torch.tensor([P], device=device)  # (1,) the cache index of the next token
-
     logits = [m(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=c, last_only=True).logits[:, -1]
               for m, c in zip(models, caches)]  # prefill; (B, V) each
     out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row, filled in as rows leave
-    rows = torch.arange(B, device=device)  # the original row of each row still in the batch
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for t in range(steps):
-        token = next_token(_scores(logits), sampling, seen, generator)  # (b,)
-        token = token.masked_fill(finished, PAD_ID)
-        out[rows, t] = token
+        token = next_token(_scores(logits), sampling, live.seen, generator).masked_fill(live.finished, PAD_ID)
+        out[live.index, t] = token
         produced = t + 1
-        finished |= (token == eos_id) | (budget <= t + 1)
-        stopped = int(finished.sum())
-        if t + 1 == steps or stopped == len(finished):
+        live.finished |= (token == eos_id) | (live.budget <= t + 1)
+        stopped, batch = int(live.finished.sum()), len(live.finished)
+        if t + 1 == steps or stopped == batch:
             break
-        if seen is not None:
-            seen[:, P + t] = token
-        size = decoders[0].batch_size(len(finished) - stopped, len(finished))
-        if stopped >= SHED_FINISHED_AT * len(finished) and size < len(finished):
+        if live.seen is not None:
+            live.seen[:, P + t] = token
+        size = decoders[0].batch_size(batch - stopped, batch)
+        if stopped >= SHED_FINISHED_AT * batch and size < batch:
             # Drop finished rows once they are a quarter of the batch: later steps compute only live
             # rows, and the copy of the cache is paid back within a few steps.
-            keep = _rows_to_keep(finished, size)
-            leaving = torch.ones_like(finished)
+            keep = _rows_to_keep(live.finished, size)
+            leaving = torch.ones_like(live.finished)
             leaving[keep] = False
-            done[rows[leaving]] = True
-            rows, token, finished, budget = rows[keep], token[keep], finished[keep], budget[keep]
-            positions, mask = positions[keep], mask[keep]
-            seen = seen[keep] if seen is not None else None
+            done[live.index[leaving]] = True
+            live, token = live.keep(keep), token[keep]
             caches = [d.keep_rows(c, keep) for d, c in zip(decoders, caches)]
-        logits = [d.step(c, token[:, None], positions, write_at, mask) for d, c in zip(decoders, caches)]
-        positions += 1
+        logits = [d.step(c, token[:, None], live.positions, write_at, live.mask) for d, c in zip(decoders, caches)]
+        live.positions += 1
         write_at += 1
-    done[rows] = finished
+    done[live.index] = live.finished
 
     results = []
     for row, n in zip(out[:, :produced].tolist(), budgets):
