@@ -10,7 +10,8 @@ Speed (warm): the medium shape with random weights (speed does not depend on the
 transformers GPT2LMHeadModel of the same width, depth, heads and vocabulary (n_positions 512), both
 greedy (the same sampling settings), the same prompts of 16 tokens, the same torch thread count,
 one warm-up each. Cold CLI: tools/generate.py in a fresh process per run, sampled as a user runs it,
-against transformers in a fresh process (tools/benchmarks/_generate_cold.py). By mode (CUDA): each
+against transformers in a fresh process (tools/benchmarks/_generate_cold.py). Sampling: top-p per step
+against a full sort (tools/benchmarks/_sampling_speed.py). By mode (CUDA): each
 decode mode of andy_dist/infer/decode.py, bf16 and int8, with the first call's seconds (compile or
 capture). Quality: a tiny model trained for a few hundred steps in plain PyTorch on tinyshakespeare
 (or the built-in stdlib corpus), exported fp32 and int8, perplexity on held-out text.
@@ -277,6 +278,10 @@ def run(args) -> dict:
     figures: dict = {}
     if args.device == "cpu" and not args.by_mode:
         figures["speed_cpu"] = speed_cpu(args)
+        from tools.benchmarks._sampling_speed import sampling_speed
+
+        figures["sampling"] = sampling_speed(model_config(args.size).vocab_size,
+                                             [int(b) for b in (args.batch_sizes or "1,8").split(",")])
         if not args.skip_cold:
             from tools.benchmarks._generate_cold import cold_cli
 
