@@ -30,12 +30,14 @@ from typing import Optional
 import torch
 
 from andy_dist import UserError
+from andy_dist.infer.quantize import Int8Linear
 from andy_dist.model import AndyLM, KVCache
 
 MODES = ("auto", "off", "inductor", "cudagraph")
 # What "auto" means per device type. CUDA: the decode step is launch-bound (see above), and a capture
-# costs milliseconds where a compilation costs a CLI user most of a minute. CPU: compiling did not pay
-# for itself in a 128-token CLI run (tools/benchmarks/generate.py measures both).
+# costs milliseconds where a compilation costs a CLI user most of a minute. CPU (medium, one thread,
+# `bench.py generate --by-mode --compile-modes off,inductor`): fp32 compiled 46 tokens/s vs 50 eager at
+# batch 1, 158 vs 141 at batch 8, after 11-48 s of compilation; int8 runs fbgemm, which cannot be traced.
 DEFAULT_MODE = {"cuda": "cudagraph", "cpu": "off"}
 CACHE_LENGTH_STEP = 64
 
@@ -120,6 +122,11 @@ class InductorDecoder(_StaticShapes):
 
     def __init__(self, model: AndyLM):
         super().__init__(model)
+        fbgemm = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)
+                  and (m.active or m.prepare()) == "fbgemm"]
+        if fbgemm:  # measured: 2x slower than eager, one graph per layer, then eager past dynamo's limit
+            raise UserError(f"--compile inductor cannot trace fbgemm's packed int8 kernel (CPU, e.g. {fbgemm[0]}); "
+                            f"use --compile off, the faster choice for int8 on CPU")
         cuda = self.device.type == "cuda"
         self.compiled = torch.compile(model.decode_step, mode="reduce-overhead" if cuda else None, dynamic=True)
 
@@ -133,9 +140,12 @@ class InductorDecoder(_StaticShapes):
         return cache
 
     def step(self, cache, token, position, write_at, key_mask) -> torch.Tensor:
-        if self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
-        return self.compiled(token, position, cache, write_at, key_mask)
+        if self.device.type != "cuda":
+            return self.compiled(token, position, cache, write_at, key_mask)
+        # The graphs' outputs live in memory the next replay overwrites: a copy outlives it (an
+        # ensemble steps several models before it reads their logits).
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(token, position, cache, write_at, key_mask).clone()
 
 
 class _Graph:

@@ -75,6 +75,16 @@ def test_modes_by_device_and_bad_modes():
         decode.resolve_mode("fast", cpu)
 
 
+def test_inductor_refuses_fbgemm_int8_layers_it_cannot_trace():
+    from tests.unit.test_int8_kernels import int8_model
+
+    model = int8_model()
+    if {m.active for m in model.modules() if hasattr(m, "active")} != {"fbgemm"}:
+        pytest.skip("this torch build has no fbgemm")
+    with pytest.raises(UserError, match="cannot trace fbgemm"):
+        decode.decoder_for(model, "inductor")
+
+
 def int8_and_bf16_twins():
     """An int8 model on CUDA and the bf16 model of its dequantized weights."""
     from andy_dist.infer.model_file import build_model
