@@ -13,7 +13,11 @@ cache through a mask, and writes at a position given as a tensor), so one step c
 
 A decode step of the medium model is a few dozen small kernels: on a GPU eager decoding waits on
 the CPU that launches them (341 tokens/s at batch 1 on an H200). On CPU there is nothing to
-replay, and Inductor's gain is measured in tools/benchmarks/generate.py ("compile" figures).
+replay, and Inductor's gain is measured by `tools/bench.py generate --compile-modes off,inductor`.
+Inductor compiles with dynamic shapes: one compilation serves every batch size >= 2 and every cache
+length (batch 1 is specialised: a second one). The CUDA paths are proven by the gpu-marked tests of
+tests/unit/test_decode_compile.py and measured by scripts/gpu_checks.sh; the bucketing and the rows
+leaving a batch are the same code under "inductor", tested on CPU.
 
 Shapes: batch size B and cache length S. Outside "off" each distinct shape is one more capture or
 compilation, so both come from a few buckets: S is rounded up to a multiple of 64 (at most the
@@ -35,7 +39,8 @@ from andy_dist.model import AndyLM, KVCache
 
 MODES = ("auto", "off", "inductor", "cudagraph")
 # What "auto" means per device type. CUDA: the decode step is launch-bound (see above), and a capture
-# costs milliseconds where a compilation costs a CLI user most of a minute. CPU (medium, one thread,
+# costs milliseconds where a compilation costs a CLI user most of a minute (not yet measured against
+# each other on a GPU: scripts/gpu_checks.sh does, step 3). CPU (medium, one thread,
 # `bench.py generate --by-mode --compile-modes off,inductor`): fp32 compiled 46 tokens/s vs 50 eager at
 # batch 1, 158 vs 141 at batch 8, after 11-48 s of compilation; int8 runs fbgemm, which cannot be traced.
 DEFAULT_MODE = {"cuda": "cudagraph", "cpu": "off"}
