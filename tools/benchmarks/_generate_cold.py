@@ -88,7 +88,12 @@ def _spread(values: list[float]) -> dict:
 
 def cold_cli(size: str, batch_sizes: list[int], threads_list: list[int], new_tokens: int, repeats: int,
              with_hf: bool = True) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="andy-cold-"))
+    with tempfile.TemporaryDirectory(prefix="andy-cold-") as work:  # a model file of up to 70 MB
+        return _cold_cli(Path(work), size, batch_sizes, threads_list, new_tokens, repeats, with_hf)
+
+
+def _cold_cli(work: Path, size: str, batch_sizes: list[int], threads_list: list[int], new_tokens: int,
+              repeats: int, with_hf: bool) -> dict:
     model, tokenizer = make_model_file(size, work)
     figures: dict = {"shape": size, "new_tokens": new_tokens, "settings": " ".join(SETTINGS), "repeats": repeats,
                      "ours": "tools/generate.py, int8 file, --compile auto", "theirs": "transformers GPT2, fp32"}
