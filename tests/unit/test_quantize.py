@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from andy_dist.config import ModelConfig
+from andy_dist.infer.quantize import (
+    Int8Linear,
+    dequantize_tensor,
+    fbgemm_available,
+    is_quantized_name,
+    quantize_state_dict,
+    quantize_tensor,
+    swap_int8_linears,
+)
 from andy_dist.model import AndyLM
-from andy_dist.infer.quantize import (Int8Linear, dequantize_tensor, fbgemm_available, is_quantized_name,
-                                quantize_state_dict, quantize_tensor, swap_int8_linears)
 
 # Stated tolerance: int8 logits within 3% of the fp32 logits' largest magnitude (fbgemm also
 # quantizes activations to 7 bits; the weight-only kernels stay within 1.5%).
