@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,10 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
@@ -54,11 +58,37 @@ class KVCache:
         self.values = self.values[:, rows]
 
 
+def cache_write_read(
+    cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, start
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one layer's new keys and values (B, H, T, D) at positions [start, start + T) of its cache
+    and return the keys and values to attend to.
+
+    start an int (prefill, or `forward` with a cache): the written prefix [0, start + T), whose
+    length changes every step. start a (1,) tensor (`AndyLM.decode_step`, T = 1): the whole buffer,
+    so that every step has the same shapes and can be compiled or captured in a CUDA graph; the
+    caller's mask hides the positions not written yet.
+    """
+    cache_k, cache_v = cache
+    if isinstance(start, torch.Tensor):
+        cache_k.index_copy_(2, start, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, start, v.to(cache_v.dtype))
+        return cache_k.to(k.dtype), cache_v.to(v.dtype)
+    T = k.shape[2]
+    cache_k[:, :, start : start + T] = k.to(cache_k.dtype)
+    cache_v[:, :, start : start + T] = v.to(cache_v.dtype)
+    return cache_k[:, :, : start + T].to(k.dtype), cache_v[:, :, : start + T].to(v.dtype)  # (B, H, S, D)
+
+
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
-    """(max_len, dim): sin on even channels, cos on odd ones, wavelengths 2*pi .. 10000*2*pi."""
-    position = torch.arange(max_len, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(max_len, dim)
+    """(max_len, dim): sin on even channels, cos on odd ones, wavelengths 2*pi .. 10000*2*pi.
+
+    Always computed on CPU (the module moves it with the rest), also when a model is built on the
+    meta device to receive loaded weights: meta arithmetic would import torch's compiler stack.
+    """
+    position = torch.arange(max_len, dtype=torch.float32, device="cpu")[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim, device="cpu")
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)
     return table
@@ -93,7 +123,8 @@ def attention_mask_for(
 
 # Decoding with a cache gives SDPA a new key length at every step. cuDNN's attention builds a new
 # execution plan per shape (measured on an H200: 7 ms of CPU per call, 20x the whole step), so
-# cached decoding uses the other kernels; training (fixed shapes) may still pick cuDNN.
+# cached decoding on CUDA uses the other kernels; training (fixed shapes) may still pick cuDNN. On
+# CPU the choice does not arise, and entering the context costs ~20 us per layer and step.
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -106,16 +137,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, mask, is_causal: bool, cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                start: int = 0):
+                start: Union[int, torch.Tensor] = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            cache_k, cache_v = cache
-            cache_k[:, :, start : start + T] = k.to(cache_k.dtype)
-            cache_v[:, :, start : start + T] = v.to(cache_v.dtype)
-            k, v = cache_k[:, :, : start + T].to(q.dtype), cache_v[:, :, : start + T].to(q.dtype)  # (B, H, S, D)
-        with sdpa_kernel(_DECODE_BACKENDS) if cache is not None else nullcontext():
+            k, v = cache_write_read(cache, k, v, start)  # (B, H, S, D)
+        with sdpa_kernel(_DECODE_BACKENDS) if cache is not None and x.is_cuda else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
             )
@@ -144,19 +172,23 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, is_causal: bool, cache=None, start: int = 0):
+    def forward(self, x, mask, is_causal: bool, cache=None, start: Union[int, torch.Tensor] = 0):
         x = x + self.drop(self.attn(self.ln_attn(x), mask, is_causal, cache, start))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
 
 class AndyLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False, init_weights: bool = True):
         """`activation_checkpointing`: recompute each block's activations in backward instead of storing
-        them (a training setting: it changes memory and time, never the weights or the results)."""
+        them (a training setting: it changes memory and time, never the weights or the results).
+        init_weights=False leaves the parameters uninitialised, for weights loaded right after
+        (initialising on the meta device imports torch's compiler stack: ~2 s of a cold start)."""
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Given its tensor, an embedding skips its normal_ init, which on the meta device imports torch's compiler.
+        empty = None if init_weights else torch.empty(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=empty)
         # A buffer, never a parameter: not trained. Saved with the weights only when it is a stored table.
         self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
                              persistent=cfg.position_table == "stored")
@@ -166,11 +198,15 @@ class AndyLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if init_weights:
+            self._init_all()
+
+    def _init_all(self) -> None:
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
         for block in self.blocks:
             for proj in (block.attn.proj, block.ffn.out):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -227,6 +263,27 @@ class AndyLM(nn.Module):
             return LMOutput(logits, None, None)
         loss_sum, count = token_loss(logits, targets)
         return LMOutput(logits, loss_sum, count)
+
+    def decode_step(
+        self, token: torch.Tensor, position: torch.Tensor, kv_cache: KVCache, write_at: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new token per row with shapes that do not change from step to step (gpt-fast's
+        decode), so that it can be compiled or captured in a CUDA graph; prefill goes through `forward`.
+
+        token, position: (B, 1) token ids and their position ids; write_at: (1,) long, the cache
+        index of this step (the same for every row: rows are left-padded); key_mask: (B, S) bool
+        over the whole cache, True where the row has a real token (its prompt, and every generated
+        position). Positions after write_at are hidden here. Returns (B, V) logits; unlike
+        `forward`, `kv_cache.length` is left to the caller.
+        """
+        S = key_mask.shape[-1]
+        written = torch.arange(S, device=key_mask.device) <= write_at  # (S,)
+        allowed = (key_mask & written)[:, None, None, :]  # (B, 1, 1, S)
+        x = self.embed(token) + self.positions[position].to(self.embed.weight.dtype)  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, False, kv_cache.layer(i), write_at)
+        return self.lm_head(self.ln_out(x))[:, -1]  # (B, V)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 # The GPU-only checks in one pass, figures written under $OUT (or ./gpu_out):
 #   1. pytest -m gpu: fp16 + dynamic loss scaling on tiny; medium at seq 512 under an 8 GiB cap; FLOP counter on CUDA
 #   2. medium, bf16, through the DeepSpeed engine on one GPU: tokens/s and MFU
-#   3. generation tokens/s, medium, bf16 and int8, batch 1/8/64, plus a profile of bf16 decode
+#   3. generation tokens/s, medium, bf16 and int8, batch 1/8/64, decode eager / CUDA graph / torch.compile,
+#      into $OUT/generate_gpu.json, plus a profile of one decode step eager and replayed (DEVICE=cpu: a dry run)
 # On a machine without network: bash ../shared/device/wheelhouse.sh here first, carry .whl and .device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ stamp() { echo "== [$SECONDS s] $*"; }
 
 stamp "1. GPU tests"
 timeout -k 10 ${PYTEST_TIMEOUT:-240} $PY -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/unit/train/test_flops.py \
+    tests/unit/infer/test_decode_compile.py \
     2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -n 15
 
 stamp "2. medium bf16 through the engine"
@@ -35,30 +37,52 @@ for stage in ${STAGES:-2 0}; do   # the shipped ZeRO-2 and plain data parallel, 
 done
 
 stamp "3. generation speed"
-timeout -k 10 ${GEN_TIMEOUT:-150} $PY tools/bench.py generate --device ${DEVICE:-cuda} --skip-quality \
-    --batch-sizes ${GEN_BATCHES:-1,8,64} --new-tokens ${GEN_TOKENS:-128} --out "$OUTDIR/generate_gpu.json" 2>&1 | tail -n 12
-timeout 60 $PY - <<'PYEOF' 2>&1 | tee "$OUTDIR/decode_profile.txt" | tail -n 25
-import torch, time
+GEN_DEVICE=${DEVICE:-cuda}
+BY_MODE=$([ "$GEN_DEVICE" = cpu ] && echo --by-mode)   # the same table on CPU: a dry run of this step
+# Eager and CUDA graph at every batch size (a capture costs milliseconds), then torch.compile (Inductor, seconds
+# per shape) on fewer; one JSON with both.
+timeout -k 10 ${GEN_TIMEOUT:-150} $PY tools/bench.py generate --device $GEN_DEVICE $BY_MODE --size ${GEN_SIZE:-medium} \
+    --skip-shed --batch-sizes ${GEN_BATCHES:-1,8,64} --new-tokens ${GEN_TOKENS:-128} \
+    --compile-modes ${GEN_MODES:-off,cudagraph} --out "$OUTDIR/generate_gpu.json" 2>&1 | tail -n 6
+timeout -k 10 ${GEN_INDUCTOR_TIMEOUT:-240} $PY tools/bench.py generate --device $GEN_DEVICE $BY_MODE \
+    --size ${GEN_SIZE:-medium} --skip-shed --batch-sizes ${GEN_INDUCTOR_BATCHES:-1,64} --new-tokens ${GEN_TOKENS:-128} \
+    --compile-modes inductor --out "$OUTDIR/generate_gpu_inductor.json" 2>&1 | tail -n 6
+$PY - "$OUTDIR" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+figures = json.loads((out / "generate_gpu.json").read_text()) if (out / "generate_gpu.json").exists() else {}
+inductor = out / "generate_gpu_inductor.json"
+if inductor.exists():
+    figures["inductor"] = json.loads(inductor.read_text())
+    inductor.unlink()
+(out / "generate_gpu.json").write_text(json.dumps(figures, indent=2) + "\n")
+print("generate_gpu.json:", sorted(next(iter(figures.values()), {}).keys()) if figures else "missing")
+PYEOF
+GEN_DEVICE=$GEN_DEVICE GEN_SIZE=${GEN_SIZE:-medium} timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$OUTDIR/decode_profile.txt" | tail -n 30
+import os, time, torch
 from torch.profiler import profile, ProfilerActivity
 from andy_dist.config import model_config
 from andy_dist.model import AndyLM
 from andy_dist.infer.generate import generate
 from andy_dist.infer.token_sampling import SamplingConfig
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.bfloat16 if device == "cuda" else torch.float32
-model = AndyLM(model_config("medium", dropout=0.0)).eval().to(device=device, dtype=dtype)
+device = os.environ["GEN_DEVICE"]
+cuda = device.startswith("cuda")
+dtype = torch.bfloat16 if cuda else torch.float32
+model = AndyLM(model_config(os.environ["GEN_SIZE"], dropout=0.0)).eval().to(device=device, dtype=dtype)
 prompt = [list(range(4, 20))]
 greedy = SamplingConfig(temperature=0.0)
-for _ in range(2):
-    generate(model, prompt, 32, greedy, eos_id=-1)
-if device == "cuda": torch.cuda.synchronize()
-start = time.perf_counter(); generate(model, prompt, 64, greedy, eos_id=-1)
-if device == "cuda": torch.cuda.synchronize()
-print(f"bf16 batch 1 after 2 warm-ups: {64 / (time.perf_counter() - start):.1f} tok/s")
-acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-with profile(activities=acts) as prof:
-    generate(model, prompt, 16, greedy, eos_id=-1)
-key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
+acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+key = "cuda_time_total" if cuda else "cpu_time_total"
+for mode in ["off", "cudagraph"] if cuda else ["off"]:
+    for _ in range(2):
+        generate(model, prompt, 64, greedy, eos_id=-1, compile=mode)
+    if cuda: torch.cuda.synchronize()
+    start = time.perf_counter(); generate(model, prompt, 64, greedy, eos_id=-1, compile=mode)
+    if cuda: torch.cuda.synchronize()
+    print(f"{dtype} batch 1, decode {mode}, after 2 warm-ups: {64 / (time.perf_counter() - start):.1f} tok/s")
+    with profile(activities=acts) as prof:
+        generate(model, prompt, 16, greedy, eos_id=-1, compile=mode)
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
 PYEOF
 stamp "done"

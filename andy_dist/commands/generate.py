@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ensemble", action="append", default=[], metavar="OTHER.andy",
                         help="another model with the same tokenizer to average with (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", default="auto", choices=("auto", "off", "inductor", "cudagraph"),
+                        help="how each decode step runs: eager (off), torch.compile (inductor: seconds to a minute "
+                             "to compile first), a CUDA graph (cudagraph), or auto: cudagraph on CUDA, off on CPU")
     return parser
 
 
@@ -57,7 +60,7 @@ def _prompts(args) -> list[str]:
 def main(argv=None) -> int:
     from andy_dist import UserError
     from andy_dist.cli import resolve_device
-    from andy_dist.infer.generate import generate_text
+    from andy_dist.infer.generate import generate
     from andy_dist.infer.model_file import load_model_file
     from andy_dist.infer.token_sampling import SamplingConfig
 
@@ -78,12 +81,16 @@ def main(argv=None) -> int:
             raise UserError(f"--ensemble {other} uses another tokenizer than {args.model}; members must share one")
         models.append(member)
     start = time.perf_counter()
-    texts = generate_text(models, tokenizer, prompts, args.max_new_tokens, sampling, seed=args.seed,
-                          batch_size=args.batch_size)
+    ids = tokenizer.encode_batch(prompts, bos=True)
+    new = generate(models, ids, args.max_new_tokens, sampling, seed=args.seed, batch_size=args.batch_size,
+                   compile=args.compile)
+    texts = [tokenizer.decode(tokens) for tokens in new]
     seconds = time.perf_counter() - start
     for prompt, text in zip(prompts, texts):
         print(f"=== {prompt}\n{prompt}{text}\n")
-    print(f"[{len(prompts)} prompts in {seconds:.2f}s]", file=sys.stderr)
+    tokens = sum(len(t) for t in new)
+    print(f"[{len(prompts)} prompts, {tokens} new tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s]",
+          file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,11 @@ decode steps that read only the last position's logits. A row stops at EOS (the 
 or when its own budget runs out: `max_new_tokens`, and prompt + new tokens never beyond the
 model's max_seq_len (512). A stopped row stays stopped (it is fed PAD, its output ignored) until
 stopped rows are a quarter of the batch; then they leave it, cache and all, and decode steps
-compute only the rows still running.
+compute only the rows still running (with a compiled or CUDA-graph decode step, the batch shrinks
+only to a power of two, so that few shapes are compiled: `andy_dist.infer.decode`).
+
+Prefill runs the model's `forward`; each later token runs `AndyLM.decode_step`, whose shapes stay
+the same from step to step (`compile=` chooses eager, torch.compile or a CUDA graph for it).
 
 Prompts are grouped by length (longest first) into batches of `batch_size`, so padding stays
 small; results come back in the caller's order. If a short row still has budget when the
@@ -20,13 +24,15 @@ penalty's sign rule applies to logits as documented in `andy_dist.infer.token_sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
 import torch
 
 from andy_dist import EOS_ID, PAD_ID, UserError
-from andy_dist.infer.token_sampling import SamplingConfig, mark_seen, next_token
-from andy_dist.model import AndyLM, KVCache
+from andy_dist.infer.decode import Decoder, decoder_for
+from andy_dist.infer.token_sampling import SamplingConfig, next_token
+from andy_dist.model import AndyLM
 
 Models = Union[AndyLM, Sequence[AndyLM]]
 
@@ -44,12 +50,8 @@ def _as_list(models: Models) -> list[AndyLM]:
     return models
 
 
-def _model_dtype(model: AndyLM) -> torch.dtype:
-    return model.embed.weight.dtype
-
-
 def _device(model: AndyLM) -> torch.device:
-    return model.embed.weight.device
+    return model.ln_out.weight.device
 
 
 def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -59,68 +61,99 @@ def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.log_softmax(lg.float(), dim=-1) for lg in logits]).mean(0)
 
 
+def _left_padded(prompts: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids, PAD on the left, and (B, width) key mask: True from each row's first real token on
+    (generated positions are real for every row)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), PAD_ID, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def _rows_to_keep(finished: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of `size` rows: every running row, then finished ones to fill up, in batch order."""
+    running, stopped = (~finished).nonzero().squeeze(1), finished.nonzero().squeeze(1)
+    return torch.cat([running, stopped[: size - len(running)]]).sort().values
+
+
+def _seen_ids(ids: torch.Tensor, prompts: list[list[int]], unseen_prefix: list[int], steps: int) -> torch.Tensor:
+    """(B, P + steps) the ids the repetition penalty counts: the prompt but each row's unseen prefix,
+    then PAD where the generated tokens will be written."""
+    B, P = ids.shape
+    seen = torch.full((B, P + steps), PAD_ID, dtype=torch.long, device=ids.device)
+    seen[:, :P] = ids
+    for i, p in enumerate(prompts):
+        seen[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
+    return seen
+
+
+@dataclass
+class _Rows:
+    """What each row still in the batch carries; rows leave together with all of it."""
+
+    index: torch.Tensor  # (b,) the row's place in the caller's batch
+    finished: torch.Tensor  # (b,) bool: stopped (EOS or budget), fed PAD from now on
+    budget: torch.Tensor  # (b,) new tokens the row may have
+    positions: torch.Tensor  # (b, 1) the position id of its next token
+    mask: torch.Tensor  # (b, S) key mask over the cache
+    seen: Optional[torch.Tensor]  # (b, P + steps) ids for the repetition penalty, or None
+
+    def keep(self, rows: torch.Tensor) -> "_Rows":
+        return _Rows(*(None if v is None else v[rows] for v in (getattr(self, f.name) for f in fields(self))))
+
+
 @torch.inference_mode()
 def _generate_batch(
-    models: list[AndyLM], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
+    decoders: list[Decoder], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
     eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int],
 ) -> tuple[list[list[int]], list[bool]]:
     """One left-padded batch: (new tokens per row, whether the row is done) - a row not done ran
     out of cache before its budget and must continue in another round."""
+    models = [d.model for d in decoders]
     device, max_len = _device(models[0]), min(m.cfg.max_seq_len for m in models)
     B, P = len(prompts), max(len(p) for p in prompts)
     steps = min(max(budgets), max_len - P)
+    length = decoders[0].cache_length(P + steps)  # every decoder of an ensemble buckets alike
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    budget = torch.tensor(budgets, device=device)
-
-    ids = torch.full((B, P), PAD_ID, dtype=torch.long, device=device)
-    mask = torch.zeros(B, P + steps, dtype=torch.bool, device=device)  # 1 = real token, past + current
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = True  # generated positions are real for every live row
+    ids, mask = _left_padded(prompts, length, device)
     padded = bool((lengths < P).any())  # without padding the causal fast path needs no mask
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, models[0].cfg.vocab_size, dtype=torch.bool, device=device)
-        counted = ids.clone()  # the prompt tokens that count as seen: all but each row's unseen prefix
-        for i, p in enumerate(prompts):
-            counted[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
-        mark_seen(seen, counted)
-    caches = [KVCache(m.cfg, B, P + steps, device=device, dtype=_model_dtype(m)) for m in models]
-    positions = lengths.clone()[:, None]  # (B, 1) next position of each row
-
+    live = _Rows(torch.arange(B, device=device), torch.zeros(B, dtype=torch.bool, device=device),
+                 torch.tensor(budgets, device=device), lengths.clone()[:, None], mask,
+                 _seen_ids(ids, prompts, unseen_prefix, steps) if sampling.repetition_penalty != 1.0 else None)
+    caches = [d.new_cache(B, length) for d in decoders]
+    write_at = torch.tensor([P], device=device)  # (1,) the cache index of the next token
     logits = [m(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=c, last_only=True).logits[:, -1]
               for m, c in zip(models, caches)]  # prefill; (B, V) each
     out = torch.full((B, steps), PAD_ID, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row, filled in as rows leave
-    rows = torch.arange(B, device=device)  # the original row of each row still in the batch
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for t in range(steps):
-        token = next_token(_scores(logits), sampling, seen, generator)  # (b,)
-        token = token.masked_fill(finished, PAD_ID)
-        out[rows, t] = token
+        token = next_token(_scores(logits), sampling, live.seen, generator).masked_fill(live.finished, PAD_ID)
+        out[live.index, t] = token
         produced = t + 1
-        finished |= (token == eos_id) | (budget <= t + 1)
-        stopped = int(finished.sum())
-        if t + 1 == steps or stopped == len(finished):
+        live.finished |= (token == eos_id) | (live.budget <= t + 1)
+        stopped, batch = int(live.finished.sum()), len(live.finished)
+        if t + 1 == steps or stopped == batch:
             break
-        if seen is not None:
-            mark_seen(seen, token)
-        if stopped >= SHED_FINISHED_AT * len(finished):
+        if live.seen is not None:
+            live.seen[:, P + t] = token
+        size = decoders[0].batch_size(batch - stopped, batch)
+        if stopped >= SHED_FINISHED_AT * batch and size < batch:
             # Drop finished rows once they are a quarter of the batch: later steps compute only live
             # rows, and the copy of the cache is paid back within a few steps.
-            done[rows[finished]] = True
-            keep = (~finished).nonzero().squeeze(1)
-            rows, token, finished, budget = rows[keep], token[keep], finished[keep], budget[keep]
-            positions, mask = positions[keep], mask[keep]
-            seen = seen[keep] if seen is not None else None
-            for cache in caches:
-                cache.reorder(keep)
-        step_mask = mask[:, : P + t + 1] if padded else None
-        logits = [m(token[:, None], attention_mask=step_mask, position_ids=positions, kv_cache=c, last_only=True)
-                  .logits[:, -1] for m, c in zip(models, caches)]
-        positions += 1
-    done[rows] = finished
+            keep = _rows_to_keep(live.finished, size)
+            leaving = torch.ones_like(live.finished)
+            leaving[keep] = False
+            done[live.index[leaving]] = True
+            live, token = live.keep(keep), token[keep]
+            caches = [d.keep_rows(c, keep) for d, c in zip(decoders, caches)]
+        logits = [d.step(c, token[:, None], live.positions, write_at, live.mask) for d, c in zip(decoders, caches)]
+        live.positions += 1
+        write_at += 1
+    done[live.index] = live.finished
 
     results = []
     for row, n in zip(out[:, :produced].tolist(), budgets):
@@ -139,14 +172,19 @@ def generate(
     eos_id: int = EOS_ID,
     seed: Optional[int] = None,
     batch_size: Optional[int] = None,
+    compile: str = "off",
 ) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included where wanted), EOS kept where reached.
 
     model: an AndyLM in eval mode (any dtype, CPU or GPU), or a list of them for an ensemble.
     seed: makes the run repeatable (the same prompts, batch size and device give the same tokens);
     None uses torch's global generator. batch_size: prompts per forward pass (default: all).
+    compile: how the decode step runs, "off" (eager), "inductor", "cudagraph" or "auto" (by device);
+    see `andy_dist.infer.decode`. Off by default here, as for the samples shown during training;
+    tools/generate.py defaults to "auto".
     """
     models = _as_list(model)
+    decoders = [decoder_for(m, compile) for m in models]
     max_len = min(m.cfg.max_seq_len for m in models)
     vocab = models[0].cfg.vocab_size
     for i, p in enumerate(prompts):
@@ -173,7 +211,7 @@ def generate(
         still = []
         for start in range(0, len(pending), size):
             batch = pending[start : start + size]
-            new, done = _generate_batch(models, [b[1] for b in batch], [b[2] for b in batch], sampling,
+            new, done = _generate_batch(decoders, [b[1] for b in batch], [b[2] for b in batch], sampling,
                                         eos_id, generator, [b[3] for b in batch])
             for (i, seq, left, skip), tokens, finished in zip(batch, new, done):
                 results[i].extend(tokens)
@@ -191,8 +229,9 @@ def generate_text(
     sampling: SamplingConfig = SamplingConfig(),
     seed: Optional[int] = None,
     batch_size: Optional[int] = None,
+    compile: str = "off",
 ) -> list[str]:
     """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned."""
     ids = tokenizer.encode_batch(prompts, bos=True)
-    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size)
+    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size, compile=compile)
     return [tokenizer.decode(tokens) for tokens in new]

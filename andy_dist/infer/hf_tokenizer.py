@@ -16,7 +16,7 @@ the bare ids. Prompts are padded on the left, as batched generation needs.
 
 Written here rather than taken from `transformers.convert_slow_tokenizer`, whose SentencePiece converters
 differ between transformers versions (dummy prefix, `legacy`, whitespace handling): this file is the same
-for every version that reads tokenizer.json. `tests/unit/test_hf_tokenizer.py` proves the equality on the
+for every version that reads tokenizer.json. `tests/unit/infer/test_hf_tokenizer.py` proves the equality on the
 corpora rather than trusting this argument.
 """
 

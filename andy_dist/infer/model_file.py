@@ -36,6 +36,7 @@ from andy_dist.infer.quantize import (
     SCHEME,
     Int8Linear,
     dequantize_tensor,
+    prepare_int8,
     quantize_state_dict,
     swap_int8_linears,
 )
@@ -165,7 +166,7 @@ def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtyp
         if quantized and torch.device(device).type == "cuda":
             dtype = torch.bfloat16
     with torch.device("meta"):
-        model = AndyLM(cfg)
+        model = AndyLM(cfg, init_weights=False)
     weights = {k: v for k, v in tensors.items() if k != TOKENIZER_KEY}
     if quantized:
         swap_int8_linears(model, weights, int8_kernel)
@@ -187,7 +188,9 @@ def build_model(tensors: dict[str, torch.Tensor], info: dict, device="cpu", dtyp
         model.lm_head.weight = model.embed.weight
     if cfg.position_table == "sinusoidal":  # not saved: computed again (a stored table came with the weights)
         model.positions = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    prepare_int8(model, dtype)  # kernel choice and weight packing at load time, not in the first step
+    return model
 
 
 def _owner(model: torch.nn.Module, key: str) -> torch.nn.Module:

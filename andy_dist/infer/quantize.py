@@ -1,4 +1,4 @@
-"""int8 weight-only quantization: a state-dict transform plus a module swap (as in gpt-fast).
+"""int8 quantization of the weights: a state-dict transform plus a module swap (as in gpt-fast).
 
 Scheme ("int8-per-channel-symmetric"): every Linear weight W (N out, K in) of the blocks and the LM
 head, and the token embedding (one row per token), is stored as int8 Q with one fp32 scale per
@@ -7,18 +7,36 @@ the sinusoidal table stay float. Quantizing the embedding and the LM head is wha
 to about a quarter of fp32: for every size they are most of the parameters (50,000 x 512 twice for
 medium). The benchmark measures the perplexity cost of that choice (tools/benchmarks/generate.py).
 
-At run time `Int8Linear` multiplies with one of these kernels, chosen by measurement on a 2-core
-x86 CPU (medium shapes, batch 1 and 8, one thread; ms per call, LM head 50,000 x 512):
+At run time `Int8Linear` computes with one of these kernels; what runs where ("auto"):
 
-    fp32 F.linear                 8.9  (b1)  25.4 (b8)
-    dequantize-on-the-fly        178   (b1) 217   (b8)  (writes a fp32 copy of W each call)
-    torch._weight_int8pack_mm    3.4   (b1)  13.6 (b8)  with bf16 activations; fp32 ones: 34 / 396
-    fbgemm dynamic int8 (x86)    1.9   (b1)   3.7 (b8)  activations quantized per call to 8 bits
+    CPU, "fbgemm" (default where torch has fbgemm/x86): int8 weights x int8 activations. The
+        activations are quantized per call (one scale per call, 7 bits) and multiplied in integers
+        by torch.ops.quantized.linear_dynamic over a weight packed once: W8A8 dynamic, so it is
+        not weight-only, and the activation rounding is where most of its error comes from.
+    CPU, "int8pack" (default without fbgemm): weight-only. torch._weight_int8pack_mm with bf16
+        activations (fp32 ones are cast to bf16 first).
+    CUDA, "dense" (default): the weights are dequantized once, at load, to the compute dtype (bf16)
+        and multiplied by cuBLAS: the int8 file is a storage format there, and int8 runs exactly as
+        fast as bf16 (memory: the int8 copy stays too, 3 bytes per weight). torch has no fast eager
+        weight-only int8 matmul on CUDA: its _weight_int8pack_mm CUDA kernel is one thread per
+        output with a loop over K and an fp32 copy of the activations (aten/src/ATen/native/cuda/
+        int8mm.cu), measured on an H200 at 220 / 1,630 / 7,288 tokens/s against bf16's 341 / 2,487 /
+        19,116 at batch 1 / 8 / 64 (issue 12).
+    any device, "dequant": weight-only in gpt-fast's form, F.linear(x, Q.to(x.dtype)) * s: under
+        torch.compile Inductor fuses the int8 -> float conversion into the matmul (the weights are
+        read as int8); eager it writes a float copy of W per call (the reference in the tests).
 
-so "fbgemm" (torch.ops.quantized.linear_dynamic over a per-channel packed weight) is the CPU
-default, "int8pack" the alternative where activation quantization costs too much quality, and
-"dequant" the portable fallback (and the reference the others are tested against). On CUDA the
-default is int8pack where the build has it, else dequant.
+Measured on the project's 2-core x86 CPU (AMD EPYC, AVX-512 VNNI and BF16), one thread, the LM
+head of medium (50,000 x 512), ms per call at batch 1 / batch 8, and the one-off preparation:
+
+    fp32 F.linear        6.9 / 22.0
+    bf16 F.linear        3.3 /  4.0
+    dequant             77   / 55       (writes a fp32 W per call)
+    int8pack             1.4 /  4.5     weight-only, bf16 activations
+    fbgemm               0.63 / 1.06    packing: 106 ms in row blocks (FBGEMM_PACK_ROWS), 275 ms whole
+
+`prepare()` (called by the model file loader) chooses the kernel and packs or dequantizes the
+weights when the model is loaded, not in its first forward pass.
 
 The embedding is dequantized once when loaded: a lookup reads a few rows, so keeping it int8 in
 memory would save RAM but no time.
@@ -26,6 +44,7 @@ memory would save RAM but no time.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import Optional
@@ -35,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCHEME = "int8-per-channel-symmetric"
-KERNELS = ("auto", "fbgemm", "int8pack", "dequant")
+KERNELS = ("auto", "fbgemm", "int8pack", "dequant", "dense")
 SCALE_SUFFIX = ".scale"
 # Which weights are quantized: the Linear layers of every block, the LM head, the embedding.
 _LINEAR = re.compile(r"^(blocks\.\d+\.(attn\.(qkv|proj)|ffn\.(fc|out))|lm_head)\.weight$")
@@ -58,7 +77,7 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    return (q * scale.float()[:, None]).to(dtype)  # one pass: int8 * fp32 promotes to fp32
 
 
 def quantize_state_dict(
@@ -79,12 +98,31 @@ def quantize_state_dict(
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+    engines = torch.backends.quantized.supported_engines  # a lookup that costs ~3 us: not per call
+    return "fbgemm" in engines or "x86" in engines
+
+
+def default_kernel(device: torch.device) -> str:
+    """The kernel "auto" runs on `device` (the module docstring gives the measurements)."""
+    if device.type == "cpu":
+        return "fbgemm" if fbgemm_available() else "int8pack"
+    return "dense"
+
+
+# fbgemm packs a matrix of 50,000 rows (the LM head) in ~420 ms but four of 12,500 rows in ~180 ms,
+# with the same speed per call; larger weights are packed in row blocks of at most this many rows.
+FBGEMM_PACK_ROWS = 16_384
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W held as int8 (out, in) and a fp32 scale per output row."""
+    """y = x W^T + b with W held as int8 (out, in) and a fp32 scale per output row.
+
+    `prepare()` resolves kernel "auto" for the weights' device and builds what that kernel needs
+    (fbgemm's packed weight, the dense copy); `andy_dist.infer.model_file.build_model` calls it at
+    load time, so that the first generation step does not pay for it.
+    """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], kernel: str = "auto"):
         super().__init__()
@@ -94,65 +132,87 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        self.register_buffer("dense", None, persistent=False)  # kernel "dense": W dequantized once
         self.kernel = kernel
-        self._packed = None  # fbgemm's prepacked weight, built on first CPU use
-        self._int8pack_ok = True
+        self.active: Optional[str] = None  # the kernel in use, once prepared
+        self._packed: list = []  # kernel "fbgemm": packed row blocks of W (CPU)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, active={self.active}"
 
-    def chosen_kernel(self, x: torch.Tensor) -> str:
-        if self.kernel != "auto":
-            return self.kernel
-        if x.device.type == "cpu":
-            return "fbgemm" if fbgemm_available() else "int8pack"
-        return "int8pack" if self._int8pack_ok else "dequant"
+    def prepare(self, dtype: Optional[torch.dtype] = None) -> str:
+        """Choose the kernel for the weights' device and build its form of W; dtype: the activations'
+        (for "dense"; default: the bias's, else fp32). Returns the kernel chosen."""
+        device = self.qweight.device
+        kernel = self.kernel if self.kernel != "auto" else default_kernel(device)
+        if kernel == "fbgemm":
+            if device.type != "cpu":
+                raise RuntimeError("the fbgemm int8 kernel runs on CPU only; use 'dense', 'dequant' or 'int8pack'")
+            self._packed = self._pack()
+        elif kernel == "dense":
+            dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+            self.dense = dequantize_tensor(self.qweight, self.scale, dtype)
+        self.active = kernel
+        return kernel
+
+    def _pack(self) -> list:
+        blocks, count = [], -(-self.out_features // FBGEMM_PACK_ROWS)
+        bounds = [self.out_features * i // count for i in range(count + 1)]  # even row blocks
+        for first, last in zip(bounds, bounds[1:]):
+            zeros = torch.zeros(last - first, dtype=torch.long)
+            with warnings.catch_warnings():  # torch.ao's deprecation notice; the kernel itself stays in core
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(self.qweight[first:last], self.scale[first:last].double(),
+                                                              zeros, 0)
+            bias = None if self.bias is None else self.bias[first:last].float()
+            blocks.append(torch.ops.quantized.linear_prepack(qw, bias))
+        return blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        kernel = self.chosen_kernel(x)
+        if self.active is None or (self.active == "dense" and self.dense.dtype != x.dtype):
+            self.prepare(x.dtype)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if kernel == "fbgemm":
+        if self.active == "fbgemm":
             y = self._fbgemm(x2)
-        elif kernel == "int8pack":
+        elif self.active == "int8pack":
             y = self._int8pack(x2)
+        elif self.active == "dense":
+            y = F.linear(x2, self.dense, None if self.bias is None else self.bias.to(x.dtype))
         else:
             y = self._dequant(x2)
         return y.reshape(*shape, self.out_features).to(x.dtype)
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise RuntimeError("the fbgemm int8 kernel runs on CPU only; use kernel='int8pack' or 'dequant'")
-        if self._packed is None:
-            zeros = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():  # torch.ao's deprecation notice; the kernel itself stays in core
-                warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zeros, 0)
-            self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
         # reduce_range=True: 7-bit activations avoid the x86 kernel's 16-bit accumulation overflow.
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, True)
+        x = x.float().contiguous()
+        parts = [torch.ops.quantized.linear_dynamic(x, packed, True) for packed in self._packed]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _int8pack(self, x: torch.Tensor) -> torch.Tensor:
         # Its CPU kernel is fast only for 16-bit activations; fp32 ones go through bf16.
         compute = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        try:
-            y = torch._weight_int8pack_mm(x.to(compute).contiguous(), self.qweight, self.scale.to(compute))
-        except (RuntimeError, NotImplementedError):
-            if self.kernel == "int8pack":
-                raise
-            self._int8pack_ok = False  # this build/device has no such kernel: fall back for good
-            return self._dequant(x)
+        y = torch._weight_int8pack_mm(x.to(compute).contiguous(), self.qweight, self.scale.to(compute))
         return y if self.bias is None else y + self.bias.to(compute)
 
     def _dequant(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # gpt-fast's form: the int8 -> float conversion feeds the matmul and the scale follows it, a
+        # pattern torch.compile fuses into one kernel that reads int8; eager, it writes a float W per call.
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # a move or dtype change invalidates the prepacked weight
+        # A move or dtype change invalidates the packed and dense forms: prepare() runs again.
+        self._packed, self.dense, self.active = [], None, None
         super()._apply(fn, recurse)
         self.scale = self.scale.float()  # a model-wide .to(bf16) must not round the scales
         return self
+
+
+def prepare_int8(model: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, str]:
+    """Prepare every Int8Linear of `model` for its device (see `Int8Linear.prepare`); returns
+    {module name: kernel}."""
+    return {name: m.prepare(dtype) for name, m in model.named_modules() if isinstance(m, Int8Linear)}
 
 
 def swap_int8_linears(model: nn.Module, stored: dict[str, torch.Tensor], kernel: str = "auto") -> list[str]:

@@ -28,9 +28,11 @@ def bench(tmp_path, *args: str) -> dict:
 
 def test_generate_section(tmp_path):
     figures = bench(tmp_path, "generate", "--size", "tiny", "--skip-quality", "--skip-hf", "--batch-sizes", "2",
-                    "--new-tokens", "16", "--threads", "1")
+                    "--new-tokens", "16", "--threads", "1", "--repeats", "1")
     speed = figures["speed_cpu"]["batch_2"]
     assert speed["ours_fp32_tok_s"] > 0 and speed["ours_int8_tok_s"] > 0
+    cold = figures["cold_cli"]["threads_1_batch_2"]  # tools/generate.py in a fresh process, sampled
+    assert cold["ours_tok_s"]["median"] > 0 and cold["ours_wall_s"]["median"] > 0
     shed = figures["shedding"]
     assert shed["rows_stopping_early"] == shed["batch"] // 2 and shed["early_stop_tokens"] == 2
     assert math.isfinite(shed["speedup"]) and shed["speedup"] > 0

@@ -1,15 +1,20 @@
 """Generation: tokens/s vs transformers' GPT-2 generate; int8 vs fp32 perplexity and file size.
 
-    python tools/bench.py generate                      # CPU speed (medium) + int8 quality (trained tiny)
-    python tools/bench.py generate --device cuda        # bf16 and int8 tokens/s at batch 1, 8, 64
-    python tools/bench.py generate --skip-quality --batch-sizes 1 --new-tokens 32   # quick
-    python tools/bench.py generate --skip-quality --skip-hf --batch-sizes 1          # + shedding only
+    python tools/bench.py generate                      # CPU: speed, cold CLI vs transformers, int8 quality
+    python tools/bench.py generate --device cuda        # bf16 and int8 tokens/s at batch 1, 8, 64, by decode mode
+    python tools/bench.py generate --skip-quality --skip-cold --batch-sizes 1 --new-tokens 32   # quick
+    python tools/bench.py generate --skip-quality --skip-cold --threads 2 --batch-sizes 1,8 --repeats 5
+    python tools/bench.py generate --device cpu --by-mode --compile-modes off,inductor   # the CUDA table, on CPU
 
-Speed: the medium shape with random weights (speed does not depend on the values) against a
+Speed (warm): the medium shape with random weights (speed does not depend on the values) against a
 transformers GPT2LMHeadModel of the same width, depth, heads and vocabulary (n_positions 512), both
 greedy (the same sampling settings), the same prompts of 16 tokens, the same torch thread count,
-one warm-up each. Quality: a tiny model trained for a few hundred steps in plain PyTorch on
-tinyshakespeare (or the built-in stdlib corpus), exported fp32 and int8, perplexity on held-out text.
+one warm-up each. Cold CLI: tools/generate.py in a fresh process per run, sampled as a user runs it,
+against transformers in a fresh process (tools/benchmarks/_generate_cold.py). Sampling: top-p per step
+against a full sort (tools/benchmarks/_sampling_speed.py). By mode (CUDA): each
+decode mode of andy_dist/infer/decode.py, bf16 and int8, with the first call's seconds (compile or
+capture). Quality: a tiny model trained for a few hundred steps in plain PyTorch on tinyshakespeare
+(or the built-in stdlib corpus), exported fp32 and int8, perplexity on held-out text.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from andy_dist import UserError
 from andy_dist.config import model_config
+from andy_dist.infer.decode import decoder_for
 from andy_dist.infer.generate import generate
 from andy_dist.infer.token_sampling import SamplingConfig
 from andy_dist.model import AndyLM
@@ -39,6 +46,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-quality", action="store_true", help="skip the int8 perplexity / file size part")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--skip-shed", action="store_true", help="skip the finished-rows-leave-the-batch part")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold tools/generate.py runs (CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="cold runs per batch size and side")
+    parser.add_argument("--compile-modes", default=None,
+                        help="decode modes to time: a comma list of off, inductor, cudagraph "
+                             "(default cpu: off; cuda: off,cudagraph)")
+    parser.add_argument("--by-mode", action="store_true", help="on CPU, run the CUDA section's table instead")
 
 
 def _int8_copy(model: AndyLM, kernel: str = "auto") -> AndyLM:
@@ -59,14 +72,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_ours(model, prompts, new_tokens, device) -> float:
-    generate(model, [p[:4] for p in prompts], 4, GREEDY, eos_id=-1)  # warm-up
-    _sync(device)
+def _time_ours(model, prompts, new_tokens, device, mode="off") -> tuple[float, float]:
+    """(tokens/s warm, seconds of the first call: warm-up, compilation or capture included)."""
     start = time.perf_counter()
-    out = generate(model, prompts, new_tokens, GREEDY, eos_id=-1)
+    warm_up = 4 if mode == "off" else new_tokens  # a compiled step warms up on the shapes of the run
+    generate(model, prompts, warm_up, GREEDY, eos_id=-1, compile=mode)
+    _sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, GREEDY, eos_id=-1, compile=mode)
     _sync(device)
     assert all(len(r) == new_tokens for r in out)
-    return len(prompts) * new_tokens / (time.perf_counter() - start)
+    return len(prompts) * new_tokens / (time.perf_counter() - start), first
+
+
+def _timed(model, prompts, new_tokens, device, mode) -> tuple:
+    """_time_ours, or the reason the mode cannot run this model, twice, in place of the figures."""
+    if mode == "inductor":
+        torch._dynamo.reset()  # one model's recompilations must not count against the next one's limit
+    try:
+        return _time_ours(model, prompts, new_tokens, device, mode)
+    except UserError as err:
+        return (f"n/a: {err}",) * 2
+
+
+def _round(value, digits: int):
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def _modes(args, device: str) -> list[str]:
+    default = "off,cudagraph" if device.startswith("cuda") else "off"
+    return [m for m in (args.compile_modes or default).split(",") if device.startswith("cuda") or m != "cudagraph"]
 
 
 def _hf_model(cfg):
@@ -106,35 +142,52 @@ def speed_cpu(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     for batch in [int(b) for b in (args.batch_sizes or "1,8").split(",")]:
         prompts = torch.randint(4, cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
-        row = {"ours_fp32_tok_s": _time_ours(fp32, prompts, args.new_tokens, "cpu"),
-               "ours_int8_tok_s": _time_ours(int8, prompts, args.new_tokens, "cpu")}
+        row = {}
+        for mode in _modes(args, "cpu"):
+            suffix = "" if mode == "off" else f"_{mode}"
+            for name, model in (("fp32", fp32), ("int8", int8)):
+                row[f"ours_{name}{suffix}_tok_s"], first = _timed(model, prompts, args.new_tokens, "cpu", mode)
+                if mode != "off":
+                    row[f"ours_{name}{suffix}_first_call_s"] = first
         if hf is not None:
             row["hf_fp32_tok_s"] = _time_hf(hf, prompts, args.new_tokens)
             row["ratio_int8_vs_hf"] = row["ours_int8_tok_s"] / row["hf_fp32_tok_s"]
             row["ratio_fp32_vs_hf"] = row["ours_fp32_tok_s"] / row["hf_fp32_tok_s"]
-        figures[f"batch_{batch}"] = {k: round(v, 2) for k, v in row.items()}
+        figures[f"batch_{batch}"] = {k: _round(v, 2) for k, v in row.items()}
         print(f"batch {batch}: {figures[f'batch_{batch}']}", flush=True)
     return figures
 
 
-def speed_cuda(args) -> dict:
+def speed_by_mode(args) -> dict:
+    """bf16 (fp32 on CPU) and int8, each decode mode: warm tokens/s and the first call's seconds."""
     device = args.device
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = model_config(args.size, dropout=0.0)
     torch.manual_seed(0)
     base = AndyLM(cfg).eval()
-    int8 = _int8_copy(base)  # before the move: Module.to works in place
-    models = {"bf16": base.to(device=device, dtype=torch.bfloat16),
-              "int8": int8.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)}
-    figures = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
-               "shape": cfg.to_dict(), "new_tokens": args.new_tokens}
+    int8, int8_fused = _int8_copy(base), _int8_copy(base, kernel="dequant")  # before the move: .to is in place
+    models = {"bf16" if cuda else "fp32": base.to(device=device, dtype=dtype),
+              "int8": int8.to(device=device, dtype=dtype), "int8_dequant": int8_fused.to(device=device, dtype=dtype)}
+    modes = _modes(args, device)
+    figures = {"device": torch.cuda.get_device_name() if cuda else device, "shape": cfg.to_dict(),
+               "new_tokens": args.new_tokens, "modes": modes,
+               "int8_kernel": sorted({m.prepare(dtype) for m in models["int8"].modules() if hasattr(m, "prepare")}),
+               "int8_dequant": "int8 with kernel 'dequant' (fused into the matmul by Inductor), timed under inductor "
+                               "in place of int8 (kernel 'dense' compiles to bf16's graph)"}
     gen = torch.Generator().manual_seed(1)
     for batch in [int(b) for b in (args.batch_sizes or "1,8,64").split(",")]:
         prompts = torch.randint(4, cfg.vocab_size, (batch, PROMPT_LEN), generator=gen).tolist()
-        row = {name: round(_time_ours(m, prompts, args.new_tokens, device), 1) for name, m in models.items()}
-        figures[f"batch_{batch}_tok_s"] = row
-        print(f"batch {batch}: {row}", flush=True)
-    kernel = next(m for m in models["int8"].modules() if hasattr(m, "chosen_kernel"))
-    figures["int8_kernel"] = kernel.chosen_kernel(torch.zeros(1, device=device, dtype=torch.bfloat16))
+        row, first = {}, {}
+        for name, model in models.items():
+            # Under inductor, int8 is timed with the kernel Inductor fuses ("dequant"): "dense" is bf16's graph.
+            for mode in [m for m in modes if not name.startswith("int8") or (m == "inductor") == (name != "int8")]:
+                tok_s, first_s = _timed(model, prompts, args.new_tokens, device, mode)
+                row[f"{name}_{mode}"], first[f"{name}_{mode}"] = _round(tok_s, 1), _round(first_s, 2)
+        figures[f"batch_{batch}_tok_s"], figures[f"batch_{batch}_first_call_s"] = row, first
+        print(f"batch {batch}: {row} (first calls, s: {first})", flush=True)
     return figures
 
 
@@ -156,7 +209,7 @@ def shedding(args) -> dict:
         gen_module.SHED_FINISHED_AT = shed_at
         _sync(device)
         start = time.perf_counter()
-        out, _ = gen_module._generate_batch([model], prompts, budgets, GREEDY, -1, None, [0] * batch)
+        out, _ = gen_module._generate_batch([decoder_for(model)], prompts, budgets, GREEDY, -1, None, [0] * batch)
         _sync(device)
         return time.perf_counter() - start, out
 
@@ -241,12 +294,22 @@ def quality(args) -> dict:
 
 def run(args) -> dict:
     figures: dict = {}
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.by_mode:
         figures["speed_cpu"] = speed_cpu(args)
+        from ._sampling_speed import sampling_speed
+
+        figures["sampling"] = sampling_speed(model_config(args.size).vocab_size,
+                                             [int(b) for b in (args.batch_sizes or "1,8").split(",")])
+        if not args.skip_cold:
+            from ._generate_cold import cold_cli
+
+            batches = [int(b) for b in (args.batch_sizes or "1,8").split(",")]
+            figures["cold_cli"] = cold_cli(args.size, batches, [args.threads or torch.get_num_threads()],
+                                           args.new_tokens, args.repeats, with_hf=not args.skip_hf)
         if not args.skip_quality:
             figures["quality"] = quality(args)
     else:
-        figures["speed_gpu"] = speed_cuda(args)
+        figures["speed_gpu" if args.device.startswith("cuda") else "speed_by_mode"] = speed_by_mode(args)
     if not args.skip_shed:
         figures["shedding"] = shedding(args)
     return figures

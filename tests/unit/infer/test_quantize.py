@@ -17,7 +17,7 @@ from andy_dist.model import AndyLM
 
 # Stated tolerance: int8 logits within 3% of the fp32 logits' largest magnitude (fbgemm also
 # quantizes activations to 7 bits; the weight-only kernels stay within 1.5%).
-TOLERANCE = {"fbgemm": 0.03, "int8pack": 0.015, "dequant": 0.015}
+TOLERANCE = {"fbgemm": 0.03, "int8pack": 0.015, "dequant": 0.015, "dense": 0.015}
 KERNELS = [k for k in TOLERANCE if k != "fbgemm" or fbgemm_available()]
 
 

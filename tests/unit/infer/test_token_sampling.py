@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from andy_dist import PAD_ID, UserError
-from andy_dist.infer.token_sampling import SamplingConfig, apply_repetition_penalty, mark_seen, next_token, top_k_top_p
+from andy_dist.infer.token_sampling import SamplingConfig, apply_repetition_penalty, next_token, top_k_top_p
 
 
 def test_temperature_zero_is_greedy_and_uses_no_randomness():
@@ -27,13 +27,17 @@ def test_top_p_keeps_at_least_the_most_likely_token():
     assert set(drawn.tolist()) == {0}
 
 
+def kept_ids(scores, top_k, top_p):
+    kept, ids = top_k_top_p(scores, top_k, top_p)
+    return sorted(ids[0][torch.isfinite(kept[0])].tolist())
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept, ids = top_k_top_p(probs.log(), 0, 0.8)
-    assert ids is None
-    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
-    kept, _ = top_k_top_p(probs.log(), 0, 0.81)
-    assert torch.isfinite(kept).tolist() == [[True, True, True, False]]
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert kept_ids(probs.log(), 0, 0.8) == [1, 3]  # 0.5 + 0.3 reaches 0.8
+    assert kept_ids(probs.log(), 0, 0.81) == [0, 1, 3]
+    kept, ids = top_k_top_p(probs.log(), 0, 1.0)
+    assert ids is None and torch.equal(kept, probs.log())  # nothing filters: the scores as they were
 
 
 def test_top_p_renormalises_after_top_k():
@@ -43,28 +47,31 @@ def test_top_p_renormalises_after_top_k():
     kept, ids = top_k_top_p(logp, 2, 0.55)
     assert ids.tolist() == [[0, 1]]
     assert torch.isfinite(kept).tolist() == [[True, False]]
-    kept_full, _ = top_k_top_p(logp, 0, 0.55)
-    assert torch.isfinite(kept_full).sum().item() == 2
+    assert kept_ids(logp, 0, 0.55) == [0, 1]
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
-    scores = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    assert apply_repetition_penalty(scores, seen, 2.0).tolist() == [[1.0, -4.0, 2.0, -2.0]]
+    scores = torch.tensor([[2.0, -2.0, 2.0, -2.0, 1.0]])
+    seen = torch.tensor([[1, 1, 2, 1, 2]])  # tokens 1 and 2, each seen more than once: penalised once
+    assert apply_repetition_penalty(scores, seen, 2.0).tolist() == [[2.0, -4.0, 1.0, -2.0, 1.0]]
     assert apply_repetition_penalty(scores, seen, 1.0) is scores
+    assert scores.tolist() == [[2.0, -2.0, 2.0, -2.0, 1.0]]  # the caller's scores are left alone
 
 
 def test_repetition_penalty_changes_the_greedy_choice():
     scores = torch.tensor([[3.0, 2.0]])
-    seen = torch.tensor([[True, False]])
-    assert next_token(scores, SamplingConfig(temperature=0, repetition_penalty=2.0), seen).item() == 1
-    assert next_token(scores, SamplingConfig(temperature=0, repetition_penalty=1.0), seen).item() == 0
+    seen = torch.tensor([[0, 0]])  # token 0 is PAD: nothing seen
+    assert next_token(scores, SamplingConfig(temperature=0, repetition_penalty=2.0), seen).item() == 0
+    scores = torch.tensor([[1.0, 3.0, 2.0]])
+    seen = torch.tensor([[1, PAD_ID]])
+    assert next_token(scores, SamplingConfig(temperature=0, repetition_penalty=2.0), seen).item() == 2
+    assert next_token(scores, SamplingConfig(temperature=0, repetition_penalty=1.0), seen).item() == 1
 
 
 def test_pad_is_never_counted_as_seen():
-    seen = torch.zeros(2, 6, dtype=torch.bool)
-    mark_seen(seen, torch.tensor([[PAD_ID, PAD_ID, 4], [5, 2, PAD_ID]]))
-    assert seen.tolist() == [[False, False, False, False, True, False], [False, False, True, False, False, True]]
+    scores = torch.tensor([[4.0, 3.0, -1.0, 2.0], [4.0, 3.0, -1.0, 2.0]])
+    seen = torch.tensor([[PAD_ID, PAD_ID, 3], [1, 2, PAD_ID]])
+    assert apply_repetition_penalty(scores, seen, 2.0).tolist() == [[4.0, 3.0, -1.0, 1.0], [4.0, 1.5, -2.0, 2.0]]
 
 
 def test_seed_makes_draws_repeatable():
