@@ -13,7 +13,7 @@ from andy_dist import UserError
 from andy_dist.infer import decode
 from andy_dist.infer.generate import _generate_batch, generate
 from andy_dist.infer.token_sampling import SamplingConfig
-from tests.unit.test_generate import greedy_without_cache, tiny_model
+from tests.unit.infer.test_generate import greedy_without_cache, tiny_model
 
 GREEDY = SamplingConfig(temperature=0)
 # Left-padded: lengths 1 to 6. With the budgets below, the row with budget 3 stops first (a quarter of
@@ -76,7 +76,7 @@ def test_modes_by_device_and_bad_modes():
 
 
 def test_inductor_refuses_fbgemm_int8_layers_it_cannot_trace():
-    from tests.unit.test_int8_kernels import int8_model
+    from tests.unit.infer.test_int8_kernels import int8_model
 
     model = int8_model()
     if {m.active for m in model.modules() if hasattr(m, "active")} != {"fbgemm"}:
