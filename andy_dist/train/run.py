@@ -165,8 +165,7 @@ def open_data(data_arg: str, tokenizer_arg: str | None, plan: RunPlan) -> RunDat
     stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size,
                          micro_batch_size=plan.batch.micro_batch_size, grad_accum=plan.batch.grad_accum,
                          seed=plan.cfg.seed, num_workers=data.num_workers, seq_len_schedule=schedule,
-                         max_seq_len=plan.model.max_seq_len, max_tokens_per_micro_batch=data.max_tokens_per_micro_batch,
-                         bucket_window=data.bucket_window)
+                         max_seq_len=plan.model.max_seq_len, bucket_window=data.bucket_window)
     loop = plan.cfg.loop
     return RunData(tokenizer, shards, stream, loop.max_steps or stream.steps_per_epoch * loop.max_epochs)
 
