@@ -250,10 +250,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
                            entity=log.wandb_entity, run_name=log.run_name or out.name, tags=log.wandb_tags,
                            group=log.wandb_group, resume_id=state.wandb_run_id, total_steps=data.total_steps)
     state.wandb_run_id = logger.wandb_run_id
-    # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
-    lengths = data.shards.lengths("train")
-    longest = int(lengths.max()) if len(lengths) else plan.model.max_seq_len
-    mfu_meter = MfuMeter(plan.model, min(longest, plan.model.max_seq_len), device, DTYPES[plan.precision])
+    # FLOPs are counted per step, each sample at its own length (attention grows with it).
+    mfu_meter = MfuMeter(plan.model, None, device, DTYPES[plan.precision])
     samples = (TrainingSamples(cfg.samples, plan.model, data.tokenizer, device, cfg.seed)
                if cfg.samples.prompts else None)
     monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
