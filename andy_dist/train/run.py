@@ -237,7 +237,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     run_meta = {"model_config": plan.model.to_dict(), "size": plan.size, "precision": plan.precision,
                 "zero_stage": plan.zero_stage, "world_size": dist.world_size,
                 "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": data.tokenizer.sha256,
-                "data": str(data.shards.dir), "seed": cfg.seed}
+                "data": str(data.shards.dir), "seed": cfg.seed,
+                "optimizer_param_groups": optimizer_param_groups(engine.module, cfg.optim.weight_decay)}
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / TOKENIZER_FILE).write_bytes(data.tokenizer.model_bytes)
@@ -268,6 +269,14 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
         print(f"data            {data.shards.num_samples('train')} train samples, {data.stream.steps_per_epoch} "
               f"steps per epoch; {data.total_steps} steps planned", flush=True)
     return trainer
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order. Without ZeRO, DeepSpeed saves the
+    fp32 master weights of bf16/fp16 training per group, without names; export matches them by this list."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]]
+            for group in ds_engine.parameter_groups(model, weight_decay)]
 
 
 def fit_and_shut_down(trainer: Trainer, plan: RunPlan) -> int:
