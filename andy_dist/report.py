@@ -179,6 +179,10 @@ PLOTS = (
 )
 
 
+MARKERS = "osD^v"  # a plot's keys told apart when the colours tell the runs apart
+LINES = ("-", "-.", ":")
+
+
 def _smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average with bias correction (as TensorBoard's smoothing slider)."""
     out, avg, norm = [], 0.0, 0.0
@@ -209,19 +213,20 @@ def draw(plot: Plot, runs: list[Run], png: Path) -> bool:
             if not xs:
                 continue
             drawn = True
-            # One colour per run; with several keys and one run, one colour per key.
-            colour = colours[(i if len(runs) > 1 else (plot.keys + plot.right).index(key)) % len(colours)]
+            # One colour per run and one marker per key; with one run, one colour per key.
+            k = (plot.keys + plot.right).index(key)
+            colour = colours[(i if len(runs) > 1 else k) % len(colours)]
             name = _series_name(run.label, key, plot)
             axes = right if key in plot.right else ax
             if key.startswith(("val/", "samples/")):  # logged at evaluations and sampling rounds only
-                style = "s:" if key in plot.right else "o--"
+                style = MARKERS[k % len(MARKERS)] + (":" if key in plot.right else "--")
                 axes.plot(xs, values, style, color=colour, markersize=4, linewidth=1.2, label=name)
             elif key == "train/loss" and len(values) > 20:
                 # raw curve faint, smoothed curve bold: noise stays visible without hiding the trend
                 axes.plot(xs, values, color=colour, alpha=0.25, linewidth=0.8)
                 axes.plot(xs, _smooth(values, 0.9), color=colour, linewidth=1.6, label=f"{name} (smoothed)")
             else:
-                axes.plot(xs, values, color=colour, linewidth=1.4, label=name)
+                axes.plot(xs, values, LINES[k % len(LINES)], color=colour, linewidth=1.4, label=name)
     if not drawn:
         plt.close(fig)
         return False
