@@ -19,7 +19,8 @@ Figures:
                                    positions (the work) and real tokens, averaged over steps;
                                    last_rank_slowest_{before,after}: share of steps whose largest padded load
                                    is the last rank's; step_work_after_over_before: the slowest rank's padded
-                                   positions summed over steps (what synchronous steps wait for), after / before
+                                   positions summed over steps (what synchronous steps wait for), after / before;
+                                   padding_{before,after}: padded share of all ranks' positions
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def _rank_balance(shards, world: int, accum: int, steps: int) -> dict:
     spreads = {key: [] for key in ("padded_before", "padded_after", "real_before", "real_after")}
     last_slowest = {"before": 0, "after": 0}
     slowest_work = {"before": 0, "after": 0}
+    positions = {"before": 0, "after": 0}
+    real_tokens = 0
     count = min(steps, planner.steps_from(0))
     for step in range(count):
         plan = planner.plan(0, step * planner.global_batch, step)
@@ -149,10 +152,13 @@ def _rank_balance(shards, world: int, accum: int, steps: int) -> dict:
             spreads[f"real_{name}"].append((max(real) - min(real)) / np.mean(real))
             last_slowest[name] += int(np.argmax(padded)) == world - 1
             slowest_work[name] += max(padded)
+            positions[name] += sum(padded)
+        real_tokens += sum(new[1])
     figures = {f"{key.split('_')[0]}_spread_{key.split('_')[1]}": round(float(np.mean(v)), 4)
                for key, v in spreads.items()}
     figures.update({f"last_rank_slowest_{k}": round(v / count, 3) for k, v in last_slowest.items()})
     figures["step_work_after_over_before"] = round(slowest_work["after"] / slowest_work["before"], 4)
+    figures.update({f"padding_{k}": round(1 - real_tokens / v, 4) for k, v in positions.items()})
     figures["steps"] = count
     return figures
 
