@@ -207,37 +207,17 @@ def draw(plot: Plot, runs: list[Run], png: Path) -> bool:
     right = ax.twinx() if plot.right else None
     drawn = False
     for i, run in enumerate(runs):
-        for key in plot.keys + plot.right:
-            steps, values = run.series(key)
-            xs = (run.tokens_at(steps) if plot.x == "tokens" else steps) if steps else []
-            if not xs:
-                continue
-            drawn = True
-            # One colour per run and one marker per key; with one run, one colour per key.
-            k = (plot.keys + plot.right).index(key)
-            colour = colours[(i if len(runs) > 1 else k) % len(colours)]
-            name = _series_name(run.label, key, plot)
-            axes = right if key in plot.right else ax
-            if key.startswith(("val/", "samples/")):  # logged at evaluations and sampling rounds only
-                style = MARKERS[k % len(MARKERS)] + (":" if key in plot.right else "--")
-                axes.plot(xs, values, style, color=colour, markersize=4, linewidth=1.2, label=name)
-            elif key == "train/loss" and len(values) > 20:
-                # raw curve faint, smoothed curve bold: noise stays visible without hiding the trend
-                axes.plot(xs, values, color=colour, alpha=0.25, linewidth=0.8)
-                axes.plot(xs, _smooth(values, 0.9), color=colour, linewidth=1.6, label=f"{name} (smoothed)")
-            else:
-                axes.plot(xs, values, LINES[k % len(LINES)], color=colour, linewidth=1.4, label=name)
+        for k, key in enumerate(plot.keys + plot.right):
+            colour = colours[(i if len(runs) > 1 else k) % len(colours)]  # per run; with one run, per key
+            drawn |= _draw_series(right if key in plot.right else ax, plot, run, key, k, colour)
     if not drawn:
         plt.close(fig)
         return False
-    if right is not None:
-        right.set_ylabel(plot.rlabel)
-        handles, labels = ax.get_legend_handles_labels()
-        more = right.get_legend_handles_labels()
-        ax.legend(handles + more[0], labels + more[1], fontsize=8, frameon=False)
     ax.set_title(plot.title)
     ax.set_xlabel("tokens seen" if plot.x == "tokens" else "step")
     ax.set_ylabel(plot.ylabel)
+    if right is not None:
+        right.set_ylabel(plot.rlabel)
     if plot.logy:
         ax.set_yscale("log")
     if plot.percent:
@@ -245,12 +225,31 @@ def draw(plot: Plot, runs: list[Run], png: Path) -> bool:
     if plot.x == "tokens":
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.grid(True, alpha=0.3)
-    if right is None:
-        ax.legend(fontsize=8, frameon=False)
+    legends = [axes.get_legend_handles_labels() for axes in (ax, right) if axes is not None]
+    ax.legend([h for hs, _ in legends for h in hs], [n for _, ns in legends for n in ns], fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    return True
+
+
+def _draw_series(axes, plot: Plot, run: Run, key: str, k: int, colour: str) -> bool:
+    """One key of one run (the plot's k-th key); False when the run did not log it."""
+    steps, values = run.series(key)
+    xs = (run.tokens_at(steps) if plot.x == "tokens" else steps) if steps else []
+    if not xs:
+        return False
+    name = _series_name(run.label, key, plot)
+    if key.startswith(("val/", "samples/")):  # logged at evaluations and sampling rounds only: points
+        style = MARKERS[k % len(MARKERS)] + (":" if key in plot.right else "--")
+        axes.plot(xs, values, style, color=colour, markersize=4, linewidth=1.2, label=name)
+    elif key == "train/loss" and len(values) > 20:
+        # raw curve faint, smoothed curve bold: noise stays visible without hiding the trend
+        axes.plot(xs, values, color=colour, alpha=0.25, linewidth=0.8)
+        axes.plot(xs, _smooth(values, 0.9), color=colour, linewidth=1.6, label=f"{name} (smoothed)")
+    else:
+        axes.plot(xs, values, LINES[k % len(LINES)], color=colour, linewidth=1.4, label=name)
     return True
 
 
