@@ -259,9 +259,9 @@ class BatchPlanner:
                   for j in range(self.micro_batches_per_step)]
         # A cut sample keeps one more target: the token right after the cut.
         targets = capped - (full <= cap)
-        return StepPlan(ids, groups, assign_to_ranks(padded, self.world_size, first=global_step), cap,
-                        int(capped.sum()),
-                        int(targets.sum()), int((full - capped).sum()), capped)
+        ranks = assign_to_ranks(padded, self.world_size, first=global_step)
+        return StepPlan(ids, groups, ranks, cap, int(capped.sum()), int(targets.sum()), int((full - capped).sum()),
+                        capped)
 
 
 def validation_plan(lengths: np.ndarray, world_size: int, rank: int, micro_batch_size: int) -> list[np.ndarray]:

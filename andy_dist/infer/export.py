@@ -86,10 +86,10 @@ def _zero0_weights(model_states: dict, meta: dict, where: Path) -> dict:
         groups = [[flat.float()] for flat in optimizer["fp32_groups_flat"]]
     else:  # fp32 training: the module's weights are the masters
         return {name: t.float() for name, t in module.items()}
-    names = _group_names(meta, module)
-    if len(names) != len(groups):
-        raise UserError(f"{where}: the optimizer holds {len(groups)} parameter groups of fp32 master weights, "
-                        f"the meta names {len(names)}; the checkpoint does not match its andy_meta.json")
+    names = _group_names(meta)
+    if len(names) != len(groups) or not {n for group in names for n in group} <= set(module):
+        raise UserError(f"{where}: the optimizer's {len(groups)} parameter groups of fp32 master weights do not "
+                        f"match the parameter groups its andy_meta.json names; was the meta copied from another run?")
     state = {}
     for group, group_names in zip(groups, names):
         flat = torch.cat([t.reshape(-1) for t in group])
@@ -109,7 +109,7 @@ def _zero0_weights(model_states: dict, meta: dict, where: Path) -> dict:
     return state
 
 
-def _group_names(meta: dict, module: dict) -> list[list[str]]:
+def _group_names(meta: dict) -> list[list[str]]:
     """Each optimizer group's parameter names: from the meta, or (checkpoints saved before the trainer
     recorded them) from the rule the trainer groups by, applied to the model of the meta's config."""
     recorded = meta.get("optimizer_param_groups")

@@ -102,3 +102,25 @@ def test_export_tool_writes_a_runnable_int8_file_naming_its_step(checkpoints, tm
     assert bad.returncode == 2 and "available tags" in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(UserError, match="no 'latest' file|not in"):
         load_checkpoint_weights(tmp_path, "latest")
+
+
+def test_zero0_bf16_without_the_recorded_groups_and_with_wrong_ones(checkpoints, zero0_masters, tmp_path):
+    """A ZeRO-0 bf16 checkpoint saved before the trainer recorded its optimizer groups still exports the
+    masters (matched by the trainer's grouping rule); groups that do not match the file are one clear error,
+    never a silent export."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(checkpoints[(0, "bf16")], ckpt)
+    tag = (ckpt / "latest").read_text().strip()
+    meta_path = ckpt / tag / "andy_meta.json"
+    meta = json.loads(meta_path.read_text())
+    groups = meta.pop("optimizer_param_groups")
+    meta_path.write_text(json.dumps(meta))
+    state, _ = load_checkpoint_weights(ckpt, tag)
+    masters = zero0_masters[("bf16", "latest")]
+    assert all(torch.equal(state[name], masters[name]) for name in masters)
+    meta["optimizer_param_groups"] = [groups[0][1:] + groups[0][:1], groups[1]]  # same names, another order
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not round to the module's torch.bfloat16 weights"):
+        load_checkpoint_weights(ckpt, tag)
