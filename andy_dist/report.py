@@ -141,7 +141,8 @@ def load_runs(paths) -> list[Run]:
 
 @dataclass(frozen=True)
 class Plot:
-    """One figure: keys drawn against steps or tokens; val keys as points, train keys as lines."""
+    """One figure: keys drawn against steps or tokens; val and sample keys as points, train keys as lines.
+    `right` keys go on a second y axis (labelled `rlabel`), for two quantities in different units."""
 
     name: str
     title: str
@@ -151,18 +152,34 @@ class Plot:
     logy: bool = False
     percent: bool = False
     optional: bool = False  # left out when no run logged any of its keys
+    right: tuple[str, ...] = ()
+    rlabel: str = ""
 
 
 PLOTS = (
     Plot("loss_vs_step", "Loss against steps", ("train/loss", "val/loss"), "loss (nats/token)"),
     Plot("loss_vs_tokens", "Loss against tokens seen", ("train/loss", "val/loss"), "loss (nats/token)", x="tokens"),
+    # Sample quality beside validation loss: the same steps, the model's own text against held-out text.
+    Plot("samples_vs_val", "Validation loss and sample log-prob", ("val/loss",), "validation loss (nats/token)",
+         optional=True, right=("samples/logprob",), rlabel="sample mean log-prob (nats/token)"),
+    Plot("sample_text", "Sample text: distinct n-grams, repeated 3-grams, EOS reached",
+         ("samples/distinct_1", "samples/distinct_2", "samples/repeat_3gram", "samples/eos_fraction"), "fraction",
+         optional=True),
+    Plot("sample_length", "Sample length", ("samples/length",), "generated tokens", optional=True),
     Plot("lr", "Learning rate", ("train/lr",), "learning rate"),
     Plot("grad_norm", "Gradient norm", ("train/grad_norm",), "gradient norm", logy=True),
-    Plot("tokens_per_s", "Throughput", ("train/tokens_per_s",), "tokens/s (all ranks)"),
-    Plot("mfu", "Model FLOPs utilization", ("train/mfu",), "MFU", percent=True, optional=True),
+    Plot("tokens_per_s", "Throughput: wall clock and inside the steps",
+         ("train/tokens_per_s", "train/tokens_per_s_compute"), "tokens/s (all ranks)"),
+    Plot("data_wait", "Share of time waiting for data", ("train/data_wait_fraction",), "fraction of wall clock",
+         percent=True, optional=True),
+    Plot("mfu", "Model FLOPs utilization", ("train/mfu", "train/mfu_compute"), "MFU", percent=True, optional=True),
     Plot("val_bpb", "Validation bits per byte", ("val/bpb",), "bits per byte", optional=True),
     Plot("memory", "Memory in use", ("sys/memory_gb",), "GB", optional=True),
 )
+
+
+MARKERS = "osD^v"  # a plot's keys told apart when the colours tell the runs apart
+LINES = ("-", "-.", ":")
 
 
 def _smooth(values: list[float], weight: float) -> list[float]:
@@ -186,32 +203,20 @@ def draw(plot: Plot, runs: list[Run], png: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    right = ax.twinx() if plot.right else None
     drawn = False
     for i, run in enumerate(runs):
-        colour = colours[i % len(colours)]
-        for key in plot.keys:
-            steps, values = run.series(key)
-            if not steps:
-                continue
-            xs = run.tokens_at(steps) if plot.x == "tokens" else steps
-            if not xs:
-                continue
-            drawn = True
-            name = f"{run.label} {key.split('/')[0]}" if len(plot.keys) > 1 else run.label
-            if key.startswith("val/"):
-                ax.plot(xs, values, "o--", color=colour, markersize=4, linewidth=1.2, label=name)
-            elif key == "train/loss" and len(values) > 20:
-                # raw curve faint, smoothed curve bold: noise stays visible without hiding the trend
-                ax.plot(xs, values, color=colour, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, _smooth(values, 0.9), color=colour, linewidth=1.6, label=f"{name} (smoothed)")
-            else:
-                ax.plot(xs, values, color=colour, linewidth=1.4, label=name)
+        for k, key in enumerate(plot.keys + plot.right):
+            colour = colours[(i if len(runs) > 1 else k) % len(colours)]  # per run; with one run, per key
+            drawn |= _draw_series(right if key in plot.right else ax, plot, run, key, k, colour)
     if not drawn:
         plt.close(fig)
         return False
     ax.set_title(plot.title)
     ax.set_xlabel("tokens seen" if plot.x == "tokens" else "step")
     ax.set_ylabel(plot.ylabel)
+    if right is not None:
+        right.set_ylabel(plot.rlabel)
     if plot.logy:
         ax.set_yscale("log")
     if plot.percent:
@@ -219,12 +224,42 @@ def draw(plot: Plot, runs: list[Run], png: Path) -> bool:
     if plot.x == "tokens":
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
+    legends = [axes.get_legend_handles_labels() for axes in (ax, right) if axes is not None]
+    ax.legend([h for hs, _ in legends for h in hs], [n for _, ns in legends for n in ns], fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
+
+
+def _draw_series(axes, plot: Plot, run: Run, key: str, k: int, colour: str) -> bool:
+    """One key of one run (the plot's k-th key); False when the run did not log it."""
+    steps, values = run.series(key)
+    xs = (run.tokens_at(steps) if plot.x == "tokens" else steps) if steps else []
+    if not xs:
+        return False
+    name = _series_name(run.label, key, plot)
+    if key.startswith(("val/", "samples/")):  # logged at evaluations and sampling rounds only: points
+        style = MARKERS[k % len(MARKERS)] + (":" if key in plot.right else "--")
+        axes.plot(xs, values, style, color=colour, markersize=4, linewidth=1.2, label=name)
+    elif key == "train/loss" and len(values) > 20:
+        # raw curve faint, smoothed curve bold: noise stays visible without hiding the trend
+        axes.plot(xs, values, color=colour, alpha=0.25, linewidth=0.8)
+        axes.plot(xs, _smooth(values, 0.9), color=colour, linewidth=1.6, label=f"{name} (smoothed)")
+    else:
+        axes.plot(xs, values, LINES[k % len(LINES)], color=colour, linewidth=1.4, label=name)
+    return True
+
+
+def _series_name(label: str, key: str, plot: Plot) -> str:
+    """A legend entry: the run, and which key when the plot has several (by its group, train/val, when the
+    keys' groups differ, else by its name)."""
+    keys = plot.keys + plot.right
+    if len(keys) == 1:
+        return label
+    group, _, name = key.partition("/")
+    return f"{label} {group if len({k.partition('/')[0] for k in keys}) > 1 else name}"
 
 
 def _si(value: float) -> str:
@@ -295,15 +330,22 @@ def html_table(header: list[str], rows: list[list[str]], row_classes: Optional[l
 
 
 def samples_table(run: Run) -> str:
-    """The last few sampling rounds of a run, newest first, with the sampler settings."""
+    """The last few sampling rounds of a run, newest first, with the sampler settings and each sample's quality
+    figures (andy_dist.train.sample_quality)."""
     if not run.samples:
         return "<p class=muted>No samples logged.</p>"
     steps = sorted({s["step"] for s in run.samples}, reverse=True)[:SAMPLE_STEPS_SHOWN]
     rows = [s for step in steps for s in run.samples if s["step"] == step]
     settings = sorted({k for s in rows for k in s} - {"step", "prompt", "completion"})
     header = ["step", "prompt", "completion", *settings]
-    cells = [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(s.get(k, "") for k in settings)] for s in rows]
+    cells = [[s["step"], s.get("prompt", ""), s.get("completion", ""), *(_cell(s.get(k, "")) for k in settings)]
+             for s in rows]
     return html_table(header, cells)
+
+
+def _cell(value) -> str:
+    """A table cell: floats (the sample quality figures) to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def config_table(runs: list[Run]) -> str:

@@ -89,3 +89,12 @@ def train_shards(builtin_corpus, tokenizer_path, tmp_path_factory) -> Path:
     write_shards([str(builtin_corpus)], tokenizer_path, out, val_fraction=0.05, workers=1, max_seq_len=64,
                  progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(builtin_corpus, tokenizer):
+    """A small AndyLM (d 64, 2 layers, vocab 2,000) trained 200 steps on the built-in corpus's paragraphs,
+    with its untrained weights and held-out paragraphs (tests/tiny_training.py)."""
+    from tests.tiny_training import train_tiny
+
+    return train_tiny(builtin_corpus, tokenizer)

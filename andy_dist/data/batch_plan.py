@@ -14,10 +14,16 @@ That is what makes the stream exact without any communication between ranks:
    each epoch because the order changes) is dropped, so every rank runs the same number of steps.
 3. Length buckets inside a global batch. The step's G lengths are capped by the sequence-length
    schedule, sorted (ties by position), and cut into W x A micro-batches of consecutive sorted
-   samples: M each, or with a token budget as evenly as possible in padded tokens. Micro-batch j goes
-   to rank j mod W as its (j div W)-th micro-batch. The G samples of a step, and the token counts that
-   normalise the loss, are therefore the same for any W with the same G; only who computes which
-   rows changes.
+   samples, as evenly as possible in padded tokens (rows x longest row, what a forward pass costs):
+   short rows share a micro-batch in greater numbers than long ones, so a micro-batch may hold more or
+   fewer than M rows, and the largest one is never larger than with M rows each. The micro-batches
+   are then dealt to the ranks, A each, largest first to the rank with the least padded tokens so far
+   (ties rotate with the step; `assign_to_ranks`), so no rank is always the one with the longest rows
+   (with j -> rank j mod W the last rank always was: the straggler every step waited for). The G
+   samples of a step, and the token counts that normalise the loss, are the same for any W with the
+   same G; only who computes which rows changes. The loss stays exact whatever the rows per
+   micro-batch: the step divides the summed token losses by the global batch's target tokens
+   (`andy_dist.train.step`).
 4. Optional wider buckets (`bucket_window` L > 1). With few micro-batches per step (W x A small)
    a global batch of mixed lengths still pads a lot. Then the order is cut into windows of L global
    batches, each window sorted by length into L batches that are taken in a seeded random order. This
@@ -99,25 +105,30 @@ class StepPlan:
 
     sample_ids: np.ndarray  # (G,) in epoch order
     micro_batches: list[np.ndarray]  # W*A arrays of sample ids, each sorted by (capped length, position)
+    ranks: list[list[int]]  # rank r computes micro_batches[i] for i in ranks[r] (A each, in this order)
     cap: int  # longest sample length this step allows
     tokens: int  # real (capped) tokens of the global batch
     target_tokens: int  # targets (loss terms) of the global batch
     truncated_tokens: int  # tokens cut off by the schedule cap
+    lengths: np.ndarray  # (G,) capped lengths of sample_ids: what the step computes (FLOPs at real lengths)
 
     def for_rank(self, rank: int, world_size: int) -> list[np.ndarray]:
-        return self.micro_batches[rank::world_size]
+        if world_size != len(self.ranks):
+            raise ValueError(f"the plan is for {len(self.ranks)} ranks, not {world_size}")
+        return [self.micro_batches[i] for i in self.ranks[rank]]
 
 
-def balanced_partition(lengths: np.ndarray, parts: int, budget: int | None) -> list[int]:
-    """Boundaries (parts + 1 indices) cutting ascending `lengths` into `parts` non-empty contiguous groups.
+def balanced_partition(lengths: np.ndarray, parts: int) -> list[int]:
+    """Boundaries (parts + 1 indices) cutting ascending `lengths` into `parts` non-empty contiguous groups
+    that minimise the largest padded size (rows x longest row) of a group.
 
-    Without a budget: equal sizes. With one: the cut that minimises the largest padded size
-    (rows x longest row) of a group, found by binary search on that size with a greedy check.
+    Found by binary search on that size with a greedy check. Equal row counts are one such cut, so the
+    largest group is never larger than with equal row counts; usually it is smaller, as the short rows
+    gather in fuller groups.
     """
     n = len(lengths)
-    if budget is None:
-        size = n // parts
-        return [i * size for i in range(parts + 1)]
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot cut {n} rows into {parts} non-empty groups")
     lengths = np.asarray(lengths, dtype=np.int64)
 
     def greedy(limit: int) -> list[int] | None:
@@ -148,12 +159,32 @@ def balanced_partition(lengths: np.ndarray, parts: int, budget: int | None) -> l
     return bounds
 
 
+def assign_to_ranks(costs: list[int], world_size: int, first: int = 0) -> list[list[int]]:
+    """Deal len(costs) = W x A micro-batches to W ranks, A each, balancing each rank's total cost.
+
+    Largest first, each to the rank with the smallest total so far among those still short of A; ties
+    go to rank `first`, then first + 1, ... (the planner moves `first` every step, so that with one
+    micro-batch per rank the largest one is not always rank 0's). Returns each rank's micro-batch
+    indices, ascending.
+    """
+    per_rank, rest = divmod(len(costs), world_size)
+    if rest or not per_rank:
+        raise ValueError(f"{len(costs)} micro-batches do not deal evenly to {world_size} ranks")
+    totals, ranks = [0] * world_size, [[] for _ in range(world_size)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min((r for r in range(world_size) if len(ranks[r]) < per_rank),
+                   key=lambda r: (totals[r], (r - first) % world_size))
+        ranks[rank].append(index)
+        totals[rank] += costs[index]
+    return [sorted(indices) for indices in ranks]
+
+
 class BatchPlanner:
     """Steps 2 and 3 of the module doc for one split's lengths and epoch order."""
 
     def __init__(self, lengths: np.ndarray, order: EpochOrder, world_size: int, micro_batch_size: int,
                  grad_accum: int, max_seq_len: int, schedule: SeqLenSchedule | None = None,
-                 max_tokens_per_micro_batch: int | None = None, bucket_window: int = 1):
+                 bucket_window: int = 1):
         for name, value in (("world_size", world_size), ("micro_batch_size", micro_batch_size),
                             ("grad_accum", grad_accum), ("max_seq_len", max_seq_len)):
             if value < 1:
@@ -163,15 +194,10 @@ class BatchPlanner:
         self.world_size, self.micro_batch_size, self.grad_accum = world_size, micro_batch_size, grad_accum
         self.max_seq_len = max_seq_len
         self.schedule = schedule
-        self.max_tokens = max_tokens_per_micro_batch
         if bucket_window < 1:
             raise UserError(f"bucket_window must be at least 1 global batch, got {bucket_window}")
         self.bucket_window = bucket_window
         self._window: tuple[tuple[int, int, int], list[np.ndarray]] | None = None
-        if self.max_tokens is not None and self.max_tokens < micro_batch_size * max_seq_len:
-            raise UserError(f"max_tokens_per_micro_batch={self.max_tokens} must be at least micro_batch_size x "
-                            f"max_seq_len = {micro_batch_size * max_seq_len}, so every step fits its "
-                            f"{world_size * grad_accum} micro-batches")
 
     @property
     def global_batch(self) -> int:
@@ -226,11 +252,16 @@ class BatchPlanner:
         full = self.lengths[ids].astype(np.int64)
         capped = np.minimum(full, cap)
         by_length = np.argsort(capped, kind="stable")  # ties keep epoch order
-        bounds = balanced_partition(capped[by_length], self.micro_batches_per_step, self.max_tokens)
+        sorted_lengths = capped[by_length]
+        bounds = balanced_partition(sorted_lengths, self.micro_batches_per_step)
         groups = [ids[by_length[bounds[j]:bounds[j + 1]]] for j in range(self.micro_batches_per_step)]
+        padded = [(bounds[j + 1] - bounds[j]) * int(sorted_lengths[bounds[j + 1] - 1])
+                  for j in range(self.micro_batches_per_step)]
         # A cut sample keeps one more target: the token right after the cut.
         targets = capped - (full <= cap)
-        return StepPlan(ids, groups, cap, int(capped.sum()), int(targets.sum()), int((full - capped).sum()))
+        ranks = assign_to_ranks(padded, self.world_size, first=global_step)
+        return StepPlan(ids, groups, ranks, cap, int(capped.sum()), int(targets.sum()), int((full - capped).sum()),
+                        capped)
 
 
 def validation_plan(lengths: np.ndarray, world_size: int, rank: int, micro_batch_size: int) -> list[np.ndarray]:

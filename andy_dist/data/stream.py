@@ -228,6 +228,7 @@ class TrainStep:
     global_tokens: int  # real tokens in the whole global batch
     global_target_tokens: int  # loss terms in the whole global batch: divide the summed loss by this
     truncated_tokens: int  # tokens of the global batch cut off by the sequence-length schedule
+    global_lengths: np.ndarray  # (G,) the real (capped) length of each sample of the global batch
 
     @property
     def padding_fraction(self) -> float:
@@ -240,9 +241,8 @@ class TrainStream:
 
     def __init__(self, shards: ShardSet, rank: int, world_size: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, num_workers: int = 0, seq_len_schedule: SeqLenSchedule | None = None,
-                 max_seq_len: int = 512, max_tokens_per_micro_batch: int | None = None,
-                 shuffle_window_blocks: int = 16, prefetch_factor: int = 4, pin_memory: bool = False,
-                 bucket_window: int = 1):
+                 max_seq_len: int = 512, shuffle_window_blocks: int = 16, prefetch_factor: int = 4,
+                 pin_memory: bool = False, bucket_window: int = 1):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}")
         if num_workers < 0:
@@ -253,7 +253,7 @@ class TrainStream:
         lengths = _check_lengths(shards, "train", max_seq_len)
         self.order = EpochOrder(shards.block_index("train").sizes, self.seed, shuffle_window_blocks)
         self.planner = BatchPlanner(lengths, self.order, world_size, micro_batch_size, grad_accum, max_seq_len,
-                                    seq_len_schedule, max_tokens_per_micro_batch, bucket_window)
+                                    seq_len_schedule, bucket_window)
         if self.steps_per_epoch == 0:
             raise UserError(f"the train split of {shards.dir} has {len(lengths)} samples, fewer than one global "
                             f"batch of {self.global_batch} (micro_batch_size x grad_accum x world_size); "
@@ -311,7 +311,8 @@ class TrainStream:
                     micro_batches=micro_batches,
                     sample_ids=np.concatenate([mb.sample_ids.numpy() for mb in micro_batches]),
                     global_sample_ids=plan.sample_ids, seq_len=plan.cap, global_tokens=plan.tokens,
-                    global_target_tokens=plan.target_tokens, truncated_tokens=plan.truncated_tokens)
+                    global_target_tokens=plan.target_tokens, truncated_tokens=plan.truncated_tokens,
+                    global_lengths=plan.lengths)
         finally:
             batches.close()
 

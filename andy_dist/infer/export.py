@@ -13,8 +13,13 @@ Where the fp32 master weights live depends on the ZeRO stage:
     slices concatenate in rank order, and parameters follow each other in `param_shapes` order.
   * stage 3: each parameter is split separately, ceil(numel / world) elements per rank (the last
     padded), and each rank's flat group concatenates its piece of every parameter in order.
-  * stage 0: fp32 weights are the module itself, or with bf16 the flat `fp32_groups_flat` in the
-    module's parameter order.
+  * stage 0: fp32 weights are the module itself; with bf16 or fp16 the module holds half-precision
+    copies and the fp32 masters are the optimizer's `fp32_groups` (DeepSpeed 0.19; `fp32_groups_flat`,
+    one flat tensor per group, in older versions): one list per optimizer parameter group, without
+    names, in the group's order. The trainer records each group's parameter names in the meta
+    (`optimizer_param_groups`); the masters are checked against the module (each master rounded to the
+    module's dtype is the module's weight), so a mismatched layout is an error, never a silent export
+    of the half-precision copies.
 This mirrors `deepspeed.utils.zero_to_fp32`, which we cannot call: it unpickles with
 `weights_only=False`. Here every file is read with `weights_only=True`, allowing only the few
 plain DeepSpeed classes its optimizer states hold (loss scaler, stage enum, fragment address):
@@ -71,30 +76,65 @@ def _merge_zero3(flat_groups: list[list[torch.Tensor]], param_shapes: list[dict]
     return state
 
 
-def _zero0_weights(model_states: dict) -> dict:
+def _zero0_weights(model_states: dict, meta: dict, where: Path) -> dict:
     buffers = set(model_states.get("buffer_names") or ())
     module = {name: t for name, t in model_states["module"].items() if name not in buffers}
-    optimizer = model_states.get("optimizer") or {}
-    flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
-    if not flats:
+    optimizer = model_states.get("optimizer")
+    optimizer = optimizer if isinstance(optimizer, dict) else {}
+    if optimizer.get("fp32_groups"):
+        groups = [[t.float() for t in group] for group in optimizer["fp32_groups"]]
+    elif optimizer.get("fp32_groups_flat"):
+        groups = [[flat.float()] for flat in optimizer["fp32_groups_flat"]]
+    else:  # fp32 training: the module's weights are the masters
         return {name: t.float() for name, t in module.items()}
-    # bf16 without ZeRO: fp32 masters flattened in the module's parameter order.
-    flat = torch.cat([f.float() for f in flats])
-    state, offset = {}, 0
-    for name, t in module.items():
-        state[name] = flat[offset : offset + t.numel()].view(t.shape).clone()
-        offset += t.numel()
-    if offset != flat.numel():
-        raise UserError(f"fp32_groups_flat holds {flat.numel()} values, the module {offset}")
+    names = _group_names(meta)
+    if len(names) != len(groups) or not {n for group in names for n in group} <= set(module):
+        raise UserError(f"{where}: the optimizer's {len(groups)} parameter groups of fp32 master weights do not "
+                        f"match the parameter groups its andy_meta.json names; was the meta copied from another run?")
+    state = {}
+    for group, group_names in zip(groups, names):
+        flat = torch.cat([t.reshape(-1) for t in group])
+        offset = 0
+        for name in group_names:
+            numel = module[name].numel()
+            if offset + numel > flat.numel():
+                raise UserError(f"{where}: the fp32 master weights of a parameter group hold {flat.numel()} "
+                                f"values, fewer than its parameters ({', '.join(group_names[:3])}, ...) need")
+            state[name] = flat[offset : offset + numel].view(module[name].shape).clone()
+            offset += numel
+    for name, master in state.items():
+        half = module[name]
+        if half.dtype != torch.float32 and not torch.equal(master.to(half.dtype), half):
+            raise UserError(f"{where}: the fp32 master of {name} does not round to the module's {half.dtype} "
+                            f"weights: the optimizer's parameter groups are not laid out as the meta says")
     return state
+
+
+def _group_names(meta: dict) -> list[list[str]]:
+    """Each optimizer group's parameter names: from the meta, or (checkpoints saved before the trainer
+    recorded them) from the rule the trainer groups by, applied to the model of the meta's config."""
+    recorded = meta.get("optimizer_param_groups")
+    if recorded:
+        return recorded
+    from andy_dist.train.engine import parameter_groups  # the grouping rule; imports no DeepSpeed
+
+    with torch.device("meta"):
+        model = AndyLM(ModelConfig.from_dict(meta["model_config"]))
+    ids = {id(param): name for name, param in model.named_parameters()}
+    weight_decay = 1.0  # any non-zero value: only which parameters are decayed matters here
+    return [[ids[id(p)] for p in group["params"]] for group in parameter_groups(model, weight_decay)]
 
 
 def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[dict[str, torch.Tensor], dict]:
     """The fp32 weights of checkpoint `tag` under `ckpt_dir`, keyed like `AndyLM.state_dict()`,
-    and the trainer's metadata (andy_meta.json, plus "tag" and "checkpoint")."""
+    and the trainer's metadata (andy_meta.json, plus "tag" (resolved: `latest` names its tag), "step"
+    (the trainer's step at the save) and "checkpoint")."""
     ckpt, tag = resolve_checkpoint(ckpt_dir, tag)
     tag_dir = ckpt / tag
-    meta = dict(read_meta(tag_dir), tag=tag, checkpoint=str(ckpt.resolve()))
+    meta = read_meta(tag_dir)
+    # The step the weights were saved at is the trainer's (a `best` tag's is the step that was best).
+    step = (meta.get("trainer_state") or {}).get("step", meta.get("step"))
+    meta = dict(meta, tag=tag, step=step, checkpoint=str(ckpt.resolve()))
     cfg = ModelConfig.from_dict(meta["model_config"])
 
     model_files = sorted(tag_dir.glob("*model_states.pt"), key=_rank_of)
@@ -117,7 +157,7 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
         else:
             state = _merge_zero3([o["fp32_flat_groups"] for o in optim], param_shapes)
     else:
-        state = _zero0_weights(model_states)
+        state = _zero0_weights(model_states, meta, tag_dir)
     for name in model_states.get("buffer_names") or ():  # a stored position table: whole in every module file
         if name in model_states["module"]:
             state.setdefault(name, model_states["module"][name].float().clone())

@@ -6,8 +6,11 @@
     checkpoint          saving and resuming through the engine (atomic tags, rotation, universal conversion)
     checkpoint_format   the checkpoint on disk: meta and its version rule, `latest`, tags, safe file loading
     distenv             the launcher's environment (rank, world size, master) without DeepSpeed
-    metrics             W&B and metrics.jsonl logging, throughput, validation figures
+    step                one optimizer step through the engine, the loss normalised over the global batch
+    metrics             W&B and metrics.jsonl logging, validation figures
+    throughput          wall-clock and compute tokens/s, data wait, MFU and ETA of each training log line
     flops               FLOPs per token and model FLOPs utilisation
+    samples             text the model writes while it trains, and its quality figures (sample_quality)
     watchdog            stack dumps of a stalled rank
     linelog             an append-only line file that survives a full disk (metrics, samples)
 
@@ -25,7 +28,7 @@ __getattr__, __dir__, __all__ = _lazy_exports(__name__, {
     "checkpoint_format": ("BEST_TAG", "LATEST_FILE", "META_FILE", "complete_tags", "read_latest", "read_meta",
                           "resolve_checkpoint", "step_tag", "verify_checkpoint_files"),
     "distenv": ("DistEnv", "detect"),
-    "metrics": ("METRIC_KEYS", "TRAIN_KEYS", "VAL_KEYS", "MetricsLogger"),
+    "metrics": ("METRIC_KEYS", "SAMPLE_KEYS", "TRAIN_KEYS", "VAL_KEYS", "MetricsLogger"),
     "flops": ("MfuMeter",),
     "watchdog": ("StallReporter",),
 })

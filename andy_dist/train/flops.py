@@ -56,6 +56,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     return float(3 * forward if training else forward)
 
 
+def sequence_flops(cfg: ModelConfig, lengths, training: bool = True) -> float:
+    """Model FLOPs of one pass over sequences of these (real, unpadded) lengths.
+
+    Each sequence of length t costs t * flops_per_token(cfg, t): the matmuls scale with t, attention
+    with t^2. This is what a training step does, whatever the padding of its micro-batches (padding
+    is work the hardware does, not the model: MFU leaves it out).
+    """
+    import numpy as np
+
+    t = np.asarray(lengths, dtype=np.float64)
+    per_token = 2 * matmul_params(cfg) * t.sum() + 4 * cfg.n_layers * cfg.d_model * (t * t).sum()
+    return float(3 * per_token if training else per_token)
+
+
 @dataclass(frozen=True)
 class GpuPeak:
     """Dense peak TFLOP/s of one GPU model by matmul dtype (None: no tensor-core path)."""
@@ -177,17 +191,21 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: Optional[float], n_de
 
 
 class MfuMeter:
-    """Everything MFU needs, resolved once at start-up: FLOPs per token and the device's peak.
+    """Everything MFU needs, resolved once at start-up: the model's FLOPs and the device's peak.
 
-    `meter(tokens_per_s_per_device)` -> MFU or None; `meter.describe()` is the one line a
-    trainer prints so the user can see the formula and the peak it divides by.
+    In training, `meter.utilization(flops_per_s_per_device)` with FLOPs from `meter.step_flops(lengths)`:
+    each sample counted at its own length, so attention is neither over- nor under-counted. With a fixed
+    `seq_len` (benchmarks of full-length batches), `meter(tokens_per_s_per_device)` does the same in one
+    call. Either gives MFU or None (unknown peak). `meter.describe()` is the one line a trainer prints
+    so the user can see the formula and the peak it divides by.
     """
 
-    def __init__(self, cfg: ModelConfig, seq_len: int, device, dtype, peak: Optional[float] = None):
+    def __init__(self, cfg: ModelConfig, seq_len: Optional[int], device, dtype, peak: Optional[float] = None):
+        self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = _dtype(dtype)
         self.seq_len = seq_len
-        self.flops_per_token = flops_per_token(cfg, seq_len, training=True)
+        self.flops_per_token = flops_per_token(cfg, seq_len, training=True) if seq_len else None
         self.peak = peak if peak is not None else peak_flops(self.device, self.dtype)
         if self.device.type == "cuda":
             self.source = f"datasheet, {torch.cuda.get_device_name(self.device)}"
@@ -195,10 +213,23 @@ class MfuMeter:
             self.source = f"measured {self.device.type} matmul"
 
     def __call__(self, tokens_per_s_per_device: float) -> Optional[float]:
+        if self.flops_per_token is None:
+            raise ValueError("this meter has no fixed seq_len: use utilization(step_flops(lengths) / seconds)")
         return mfu(tokens_per_s_per_device, self.flops_per_token, self.peak)
 
+    def step_flops(self, lengths) -> float:
+        """Training FLOPs of a step over samples of these real lengths (all ranks together)."""
+        return sequence_flops(self.cfg, lengths, training=True)
+
+    def utilization(self, flops_per_s_per_device: float) -> Optional[float]:
+        return mfu(flops_per_s_per_device, 1.0, self.peak)
+
     def describe(self) -> str:
-        flops = f"{self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 12LdT, T={self.seq_len})"
+        if self.flops_per_token is None:
+            flops = (f"{6 * matmul_params(self.cfg) / 1e6:.1f} MFLOP/token + 12LdT (6N + 12LdT, T = each "
+                     f"sample's own length)")
+        else:
+            flops = f"{self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 12LdT, T={self.seq_len})"
         if self.peak is None:
             return f"MFU: {flops}; peak unknown for this device ({self.source}), MFU logged as n/a"
         dtype = str(self.dtype).removeprefix("torch.")

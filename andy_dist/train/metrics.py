@@ -27,7 +27,6 @@ import netrc
 import os
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import urlparse
@@ -43,9 +42,12 @@ METRIC_KEYS: dict[str, str] = {
     "train/loss": "training loss (nats/token)",
     "train/lr": "learning rate",
     "train/grad_norm": "gradient norm (before clipping)",
-    "train/tokens_per_s": "tokens/s, all ranks",
-    "train/tokens_per_s_per_rank": "tokens/s per rank",
-    "train/mfu": "model FLOPs utilization",
+    "train/tokens_per_s": "tokens/s, all ranks, wall clock (everything between two log lines)",
+    "train/tokens_per_s_per_rank": "tokens/s per rank, wall clock",
+    "train/tokens_per_s_compute": "tokens/s, all ranks, inside the optimizer steps only",
+    "train/data_wait_fraction": "share of the wall clock spent waiting for batches",
+    "train/mfu": "model FLOPs utilization, wall clock (each sample at its own length)",
+    "train/mfu_compute": "model FLOPs utilization inside the optimizer steps only",
     "train/global_batch_seqs": "global batch (sequences)",
     "train/global_batch_tokens": "global batch (tokens)",
     "train/padding_fraction": "padding fraction",
@@ -62,10 +64,17 @@ METRIC_KEYS: dict[str, str] = {
     "val/best_loss": "best validation loss so far",
     "val/bad_evals": "evaluations without improvement",
     "val/patience": "early-stopping patience",
+    "samples/logprob": "training samples: mean log-prob per generated token under the model (nats)",
+    "samples/distinct_1": "training samples: distinct unigrams / unigrams",
+    "samples/distinct_2": "training samples: distinct bigrams / bigrams",
+    "samples/repeat_3gram": "training samples: share of 3-grams that repeat an earlier one",
+    "samples/eos_fraction": "training samples: share that ended with EOS",
+    "samples/length": "training samples: generated tokens (EOS excluded)",
 }
 FP16_KEYS = ("train/loss_scale", "train/skipped_steps")
-TRAIN_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("val/") and k not in FP16_KEYS)
 VAL_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("val/"))
+SAMPLE_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("samples/"))
+TRAIN_KEYS = tuple(k for k in METRIC_KEYS if k not in VAL_KEYS + SAMPLE_KEYS + FP16_KEYS)
 NA = "n/a"
 
 
@@ -115,41 +124,6 @@ def memory_gb(device=None) -> float:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
-
-
-class Throughput:
-    """Tokens/s smoothed over the last `window` steps, elapsed time and ETA.
-
-    Smoothing is total tokens over total seconds in the window (not a mean of rates), so a
-    slow step weighs by its duration. ETA = remaining steps x mean seconds per step in the window.
-    """
-
-    def __init__(self, total_steps: Optional[int] = None, window: int = 20):
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        self.total_steps = total_steps
-        self._steps: deque[tuple[int, float]] = deque(maxlen=window)
-        self.tokens_seen = 0
-        self.elapsed_s = 0.0
-
-    def update(self, tokens: int, seconds: float) -> float:
-        """Record one step's tokens and duration; return the smoothed tokens/s."""
-        self._steps.append((tokens, seconds))
-        self.tokens_seen += tokens
-        self.elapsed_s += seconds
-        return self.tokens_per_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        seconds = sum(s for _, s in self._steps)
-        return sum(t for t, _ in self._steps) / seconds if seconds > 0 else 0.0
-
-    def eta_s(self, step: int) -> Optional[float]:
-        """Seconds left after `step` steps are done; None without total_steps or history."""
-        if self.total_steps is None or not self._steps:
-            return None
-        per_step = sum(s for _, s in self._steps) / len(self._steps)
-        return max(self.total_steps - step, 0) * per_step
 
 
 # ---------------------------------------------------------------- W&B mode

@@ -168,8 +168,7 @@ def open_data(data_arg: str, tokenizer_arg: str | None, plan: RunPlan) -> RunDat
     stream = TrainStream(shards, rank=dist.rank, world_size=dist.world_size,
                          micro_batch_size=plan.batch.micro_batch_size, grad_accum=plan.batch.grad_accum,
                          seed=plan.cfg.seed, num_workers=data.num_workers, seq_len_schedule=schedule,
-                         max_seq_len=plan.model.max_seq_len, max_tokens_per_micro_batch=data.max_tokens_per_micro_batch,
-                         bucket_window=data.bucket_window)
+                         max_seq_len=plan.model.max_seq_len, bucket_window=data.bucket_window)
     loop = plan.cfg.loop
     return RunData(tokenizer, shards, stream, loop.max_steps or stream.steps_per_epoch * loop.max_epochs)
 
@@ -241,7 +240,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     run_meta = {"model_config": plan.model.to_dict(), "size": plan.size, "precision": plan.precision,
                 "zero_stage": plan.zero_stage, "world_size": dist.world_size,
                 "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": data.tokenizer.sha256,
-                "data": str(data.shards.dir), "seed": cfg.seed}
+                "data": str(data.shards.dir), "seed": cfg.seed,
+                "optimizer_param_groups": optimizer_param_groups(engine.module, cfg.optim.weight_decay)}
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / TOKENIZER_FILE).write_bytes(data.tokenizer.model_bytes)
@@ -254,10 +254,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
                            entity=log.wandb_entity, run_name=log.run_name or out.name, tags=log.wandb_tags,
                            group=log.wandb_group, resume_id=state.wandb_run_id, total_steps=data.total_steps)
     state.wandb_run_id = logger.wandb_run_id
-    # Attention FLOPs grow with the sequence: count them at the longest sample the shards hold.
-    lengths = data.shards.lengths("train")
-    longest = int(lengths.max()) if len(lengths) else plan.model.max_seq_len
-    mfu_meter = MfuMeter(plan.model, min(longest, plan.model.max_seq_len), device, DTYPES[plan.precision])
+    # FLOPs are counted per step, each sample at its own length (attention grows with it).
+    mfu_meter = MfuMeter(plan.model, None, device, DTYPES[plan.precision])
     samples = (TrainingSamples(cfg.samples, plan.model, data.tokenizer, device, cfg.seed)
                if cfg.samples.prompts else None)
     monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
@@ -274,6 +272,14 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
         print(f"data            {data.shards.num_samples('train')} train samples, {data.stream.steps_per_epoch} "
               f"steps per epoch; {data.total_steps} steps planned", flush=True)
     return trainer
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order. Without ZeRO, DeepSpeed saves the
+    fp32 master weights of bf16/fp16 training per group, without names; export matches them by this list."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]]
+            for group in ds_engine.parameter_groups(model, weight_decay)]
 
 
 def fit_and_shut_down(trainer: Trainer, plan: RunPlan) -> int:

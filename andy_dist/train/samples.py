@@ -1,4 +1,5 @@
-"""Text the model writes while it trains: the configured prompts continued by a copy of the model."""
+"""Text the model writes while it trains: the configured prompts continued by a copy of the model, each
+sample with its quality figures (`andy_dist.train.sample_quality`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from andy_dist.data.tokenizer import Tokenizer
 from andy_dist.infer.generate import generate
 from andy_dist.infer.token_sampling import SamplingConfig
 from andy_dist.model import AndyLM
+from andy_dist.train.sample_quality import sample_figures
 from andy_dist.train.settings import SampleSettings
 
 
@@ -32,5 +34,6 @@ class TrainingSamples:
         outputs = generate(self._model, prompts, max_new_tokens=self.settings.max_new_tokens, sampling=self.sampling,
                            seed=self.seed + step)
         return [{"prompt": p, "completion": self.tokenizer.decode(o), "temperature": self.sampling.temperature,
-                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p}
-                for p, o in zip(self.settings.prompts, outputs)]
+                 "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
+                 **sample_figures(self._model, ids, o)}
+                for p, ids, o in zip(self.settings.prompts, prompts, outputs)]

@@ -48,8 +48,6 @@ class DataSettings:
     """Sequences per rank per forward pass; default from the ds_config's train_micro_batch_size_per_gpu."""
     global_batch_size: int | None = None
     """Sequences per optimizer step; default: the smallest multiple of micro x ranks in the size's range."""
-    max_tokens_per_micro_batch: int | None = None
-    """Optional token budget: micro-batches of long sequences are cut to stay under it."""
     bucket_window: int = 1
     """Sort samples by length across this many global batches before cutting micro-batches: padding
     falls (about 39% -> 5% on short-document corpora at 16) at the cost of steps holding similar lengths."""
@@ -148,6 +146,14 @@ def _flat_names() -> dict[str, tuple[str, str]]:
 
 FLAT_NAMES = _flat_names()
 
+# Settings that were removed, with what to do instead (a config that still sets one gets this line).
+REMOVED: dict[str, str] = {
+    "max_tokens_per_micro_batch": (
+        "max_tokens_per_micro_batch was removed: with DeepSpeed's fixed number of micro-batches per step it "
+        "could never bind. Micro-batches are now always cut to the smallest largest padded size (short rows "
+        "share one in greater numbers); to use less memory per forward pass lower micro_batch_size"),
+}
+
 
 @dataclass
 class TrainConfig:
@@ -194,7 +200,7 @@ class TrainConfig:
         optional = {"max_steps": lp.max_steps, "lr_decay_steps": s.lr_decay_steps,
                     "micro_batch_size": d.micro_batch_size, "global_batch_size": d.global_batch_size,
                     "eval_interval": lp.eval_interval, "sample_interval": self.samples.interval,
-                    "seq_len_start": d.seq_len_start, "max_tokens_per_micro_batch": d.max_tokens_per_micro_batch}
+                    "seq_len_start": d.seq_len_start}
         for name, value in optional.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer or unset, got {value!r}")
@@ -292,6 +298,8 @@ def _flatten_groups(values: dict) -> dict:
         if key in GROUPS and isinstance(value, dict):
             for name, inner in value.items():
                 if (key, name) not in by_group:
+                    if name in REMOVED:
+                        raise ConfigError(REMOVED[name])
                     raise ConfigError(f"unknown config key {key}.{name}; known in {key}: "
                                       f"{[f.name for f in fields(GROUPS[key])]}")
                 flat[by_group[(key, name)]] = inner
@@ -313,6 +321,9 @@ def load_train_config(yaml_path: str | None = None, overrides: list[str] = (), *
         else:
             values.update(_flatten_groups({group: {name: _parse_value(text)}} if name else {key: _parse_value(text)}))
     values.update({k: v for k, v in explicit.items() if v is not None})
+    removed = sorted(set(values) & set(REMOVED))
+    if removed:
+        raise ConfigError(REMOVED[removed[0]])
     top = {"size": "str | None", "seed": "int", "init_from": "str | None"}
     unknown = sorted(set(values) - set(FLAT_NAMES) - set(top) - {"model"})
     if unknown:

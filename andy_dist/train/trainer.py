@@ -19,9 +19,11 @@ from andy_dist.train import checkpoint as ckpt
 from andy_dist.train.checkpoint_format import step_tag
 from andy_dist.train.engine import current_lr, full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
-from andy_dist.train.metrics import Throughput, memory_gb, validation_metrics
+from andy_dist.train.metrics import memory_gb, validation_metrics
+from andy_dist.train.sample_quality import summarize
 from andy_dist.train.settings import LoopSettings
 from andy_dist.train.step import StepResult, StepRunner
+from andy_dist.train.throughput import SpeedWindow
 from andy_dist.train.watchdog import StallReporter
 
 
@@ -95,12 +97,13 @@ class Trainer:
         self.step, self.engine, self.dist, self.device = step, step.engine, step.dist, step.device
         self.data, self.loop, self.monitor, self.checkpoints, self.faults = data, loop, monitor, checkpoints, faults
         self.state = state or TrainState()
-        self.throughput = Throughput(total_steps=data.total_steps)
+        self.speed = SpeedWindow(step.dist.world_size, data.total_steps, monitor.mfu_meter)
         self._preempted = False
         self._watchdog: StallReporter | None = None
         self._window: list[StepResult] = []
         self._start_time = time.time()
         self._last_eval_step: int | None = None
+        self._last_sample_step: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -114,12 +117,14 @@ class Trainer:
         return self.state
 
     def _fit(self) -> None:
+        self.speed.start()
         while not self._finished():
-            for item in self.data.stream.iter_epoch():
+            for item in self._timed(self.data.stream.iter_epoch()):
                 step = self.state.step + 1
                 self.faults.before_step(step)
                 result = self.step(step, item.micro_batches, preempted=self._preempted)
                 self.faults.after_step(step, item.sample_ids)
+                self.speed.stepped(result.input_tokens, result.seconds, self._flops(item))
                 self._after_step(result)
                 self._progress(f"step {self.state.step}")
                 if result.preempt:
@@ -127,17 +132,41 @@ class Trainer:
                     raise TrainingStopped(f"SIGTERM: checkpoint saved at step {self.state.step}; "
                                           f"resume with --resume", EXIT_PREEMPTED)
                 if self.loop.eval_interval and self.state.step % self.loop.eval_interval == 0:
-                    self.evaluate()
+                    self._validate()
                 if self.state.step % self.loop.save_interval == 0:
                     self.save()
                 if self._finished():
                     break
             else:  # the epoch ran to its end
-                self.evaluate()
-        if self._last_eval_step != self.state.step and not self.state.early_stopped:
-            self.evaluate()  # every run ends validated, so `best` always exists
+                self._validate()
+        if not self.state.early_stopped:
+            self._validate()  # every run ends validated, so `best` always exists
         if self.state.step % self.loop.save_interval:
             self.save()
+
+    def _validate(self) -> None:
+        """Evaluate, unless this step already was: the same weights give the same loss, which would count as
+        an evaluation without improvement and spend patience (an epoch end that eval_interval also hits)."""
+        if self._last_eval_step != self.state.step:
+            self.evaluate()
+
+    def _timed(self, items: Iterable):
+        """`items`, with the time spent waiting for each one counted as data wait."""
+        iterator = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.speed.waited(time.perf_counter() - started)
+            yield item
+
+    def _flops(self, item) -> float | None:
+        """Model FLOPs of the step: every sample of the global batch at its own length."""
+        meter = self.monitor.mfu_meter
+        return meter.step_flops(item.global_lengths) if meter is not None else None
 
     def _finished(self) -> bool:
         if self.state.early_stopped:
@@ -164,7 +193,6 @@ class Trainer:
         else:
             state.bad_steps_in_row = 0
         self._window.append(result)
-        self.throughput.update(result.input_tokens, result.seconds)
         if state.step % self.monitor.log_interval == 0 or state.step == 1:
             self._log_training()
         if self.monitor.sample_interval and state.step % self.monitor.sample_interval == 0:
@@ -173,15 +201,11 @@ class Trainer:
     def _log_training(self) -> None:
         window, self._window = self._window, []
         finite = [r.loss for r in window if math.isfinite(r.loss)]
-        tokens_per_s = self.throughput.tokens_per_s
-        meter = self.monitor.mfu_meter
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
             "train/lr": current_lr(self.engine),
             "train/grad_norm": _grad_norm(self.engine),
-            "train/tokens_per_s": tokens_per_s,
-            "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
-            "train/mfu": (meter(tokens_per_s / self.dist.world_size) if meter else None) or "n/a",
+            **self.speed.read(self.state.step),  # tokens/s (wall clock and compute), data wait, MFU, ETA
             "train/global_batch_seqs": self.checkpoints.run_meta["global_batch_size"],
             "train/global_batch_tokens": window[-1].input_tokens,
             "train/padding_fraction": (sum(r.padded_positions for r in window)
@@ -190,10 +214,11 @@ class Trainer:
             "train/epoch": self.data.stream.epoch,
             "sys/memory_gb": memory_gb(self.device),
             "time/elapsed_s": time.time() - self._start_time,
-            "time/eta_s": self.throughput.eta_s(self.state.step),
         }
         if self.device.type == "cuda":
             metrics["sys/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            # What the caching allocator holds (what the card must have), not only what tensors use.
+            metrics["sys/peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if self.step.precision == "fp16" or self.state.skipped_steps:
             metrics["train/skipped_steps"] = self.state.skipped_steps
         if self.step.precision == "fp16":
@@ -250,11 +275,15 @@ class Trainer:
         return self.step.all_reduce(torch.tensor([float(bool(flag))], dtype=torch.float64))[0].item() > 0
 
     def _log_samples(self) -> None:
-        if self.monitor.samples is None:
-            return
+        if self.monitor.samples is None or self._last_sample_step == self.state.step:
+            return  # (a step that is both a sampling step and an evaluation samples once)
+        self._last_sample_step = self.state.step
         weights = full_state_dict(self.engine)  # every rank takes part in the gather
         if self.dist.is_main:
-            self.monitor.logger.log_samples(self.state.step, self.monitor.samples(weights, self.state.step))
+            rows = self.monitor.samples(weights, self.state.step)
+            self.monitor.logger.log_samples(self.state.step, rows)
+            if rows:
+                self.monitor.logger.log(self.state.step, summarize(rows))  # samples/*: the round's mean figures
 
     # ------------------------------------------------------------------ checkpoints and signals
     def save(self) -> None:

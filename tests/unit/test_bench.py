@@ -52,6 +52,10 @@ def test_data_section(tmp_path):
     assert figures["train_samples"] > 0 and figures["make_shards_mb_s_1_worker"] > 0
     assert figures["stream_over_train_0_workers"] > 0 and figures["stream_over_train_2_workers"] > 0
     assert figures["padding_fraction_bucket_window_16"] < figures["padding_fraction"]
+    balance = figures["rank_balance_W2_A1"]  # the round-robin deal made the last rank the slowest every step
+    assert balance["last_rank_slowest_before"] > 0.9 and balance["last_rank_slowest_after"] < 0.7
+    assert balance["padded_spread_after"] < balance["padded_spread_before"]
+    assert balance["step_work_after_over_before"] <= 1.0  # the largest micro-batch never grows
 
 
 def test_sweep_section(tmp_path):

@@ -77,18 +77,25 @@ def test_kv_cache_decoding_matches_full_forward():
 
 
 def test_activation_checkpointing_same_loss_and_gradients():
-    cfg = SMALL.replace(dropout=0.0)
+    """With the model's dropout (0.1) on: the recomputation in backward must draw the same dropout masks as
+    the forward pass did, or the gradients would belong to another network. Seeding before each pass gives
+    both runs the same masks, so any difference comes from checkpointing itself."""
+    cfg = SMALL.replace(dropout=0.1)
     ids = torch.randint(4, cfg.vocab_size, (2, 16))
     targets = torch.roll(ids, -1, dims=1)
     results = []
     for checkpointing in (False, True):
         model = make_model(cfg, activation_checkpointing=checkpointing).train()
+        torch.manual_seed(123)
         out = model(ids, targets=targets)
         out.loss_sum.backward()
         results.append((out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    model = make_model(cfg).train()
+    torch.manual_seed(124)
+    assert not torch.equal(model(ids, targets=targets).loss_sum.detach(), results[0][0])  # dropout is really on
 
 
 def test_loss_ignores_pad_targets_and_counts_tokens():

@@ -18,21 +18,27 @@ from andy_dist.config import model_config
 from andy_dist.model import AndyLM
 from andy_dist.report import PLOTS, draw, load_run, load_runs, render
 from andy_dist.train.flops import MfuMeter
-from andy_dist.train.metrics import MetricsLogger, Throughput, memory_gb, validation_metrics
+from andy_dist.train.metrics import MetricsLogger, memory_gb, validation_metrics
+from andy_dist.train.sample_quality import sample_figures, summarize
+from andy_dist.train.throughput import SpeedWindow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @torch.no_grad()
-def sample(model: AndyLM, tokenizer, prompt: str, new_tokens: int, temperature: float) -> str:
-    """A plain sampling loop (no KV cache): enough to log what the model writes."""
+def sample(model: AndyLM, tokenizer, prompt: str, new_tokens: int, temperature: float) -> dict:
+    """A plain sampling loop (no KV cache): a samples.jsonl row, with the sample's quality figures."""
     model.eval()
-    ids = torch.tensor([tokenizer.encode(prompt, bos=True)])
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    ids = torch.tensor([prompt_ids])
     for _ in range(new_tokens):
         logits = model(ids[:, -model.cfg.max_seq_len :]).logits[0, -1] / temperature
         ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1)[None]], dim=1)
+    new = ids[0, len(prompt_ids) :].tolist()
+    row = {"prompt": prompt, "completion": tokenizer.decode(new), "temperature": temperature,
+           **sample_figures(model, prompt_ids, new)}
     model.train()
-    return tokenizer.decode(ids[0, len(tokenizer.encode(prompt, bos=True)) :].tolist())
+    return row
 
 
 def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, seq_len: int = 64, batch: int = 8,
@@ -48,8 +54,10 @@ def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, se
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    meter = MfuMeter(cfg, seq_len, "cpu", torch.float32)
-    throughput = Throughput(total_steps=steps)
+    meter = MfuMeter(cfg, None, "cpu", torch.float32)
+    speed = SpeedWindow(1, total_steps=steps, mfu_meter=meter)
+    speed.start()
+    started = time.perf_counter()
     config = {"model": cfg.to_dict(), "data": {"seq_len": seq_len}, "train": {"lr": lr, "steps": steps, "batch": batch}}
     best, bad, patience = math.inf, 0, 3
     with MetricsLogger(run_dir, config, is_main=True, wandb_mode=wandb_mode, total_steps=steps,
@@ -64,14 +72,13 @@ def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, se
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             schedule.step()
-            tok_s = throughput.update(batch * seq_len, time.perf_counter() - start)
+            speed.stepped(batch * seq_len, time.perf_counter() - start, meter.step_flops([seq_len] * batch))
             log.log(step, {
                 "train/loss": (out.loss_sum / out.target_tokens).item(), "train/lr": schedule.get_last_lr()[0],
-                "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s, "train/tokens_per_s_per_rank": tok_s,
-                "train/mfu": meter(tok_s), "train/global_batch_seqs": batch,
+                "train/grad_norm": grad_norm, **speed.read(step), "train/global_batch_seqs": batch,
                 "train/global_batch_tokens": batch * seq_len, "train/padding_fraction": 0.0,
-                "train/tokens_seen": throughput.tokens_seen, "train/epoch": 0, "sys/memory_gb": memory_gb("cpu"),
-                "time/elapsed_s": throughput.elapsed_s, "time/eta_s": throughput.eta_s(step),
+                "train/tokens_seen": batch * seq_len * step, "train/epoch": 0, "sys/memory_gb": memory_gb("cpu"),
+                "time/elapsed_s": time.perf_counter() - started,
             })
             if step % eval_every == 0 or step == steps:
                 model.eval()
@@ -84,8 +91,9 @@ def train_and_log(run_dir: Path, tokenizer, text: str, steps: int, lr: float, se
                 best = min(best, loss)
                 val_bytes = len(tokenizer.decode(val_ids[1 : n + 1].tolist()).encode("utf-8"))
                 log.log(step, validation_metrics(loss, n, val_bytes, best, bad, patience))
-                log.log_samples(step, [{"prompt": p, "completion": sample(model, tokenizer, p, 12, 0.8),
-                                        "temperature": 0.8} for p in ("def ", "import ")])
+                rows = [sample(model, tokenizer, p, 12, 0.8) for p in ("def ", "import ")]
+                log.log_samples(step, rows)
+                log.log(step, summarize(rows))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,8 @@ def test_report_renders_plots_from_real_run_files(runs, tmp_path):
     out = tmp_path / "out" / "report.html"
     pngs = render(load_runs(runs), out)
     names = {p.stem for p in pngs}
-    assert {"loss_vs_step", "loss_vs_tokens", "lr", "grad_norm", "tokens_per_s", "mfu", "val_bpb", "memory"} == names
+    assert {"loss_vs_step", "loss_vs_tokens", "samples_vs_val", "sample_text", "sample_length", "lr", "grad_norm",
+            "tokens_per_s", "data_wait", "mfu", "val_bpb", "memory"} == names
     page = out.read_text()
     for png in pngs:
         data = png.read_bytes()
@@ -135,6 +144,9 @@ def test_real_run_figures_are_plausible(runs):
     assert val_steps == [10, 20, 30] and all(math.isfinite(v) for v in val)
     assert run.series("train/mfu")[1] and all(0 < m < 1.5 for m in run.series("train/mfu")[1])
     assert len(run.samples) == 6 and run.wandb["mode"] == "offline"
+    quality_steps, logprobs = run.series("samples/logprob")
+    assert quality_steps == [10, 20, 30] and all(v < 0 for v in logprobs)
+    assert all(0 < row["distinct_1"] <= 1 and row["length"] >= 11 for row in run.samples)  # per sample, too
 
 
 def test_resumed_run_keeps_the_latest_value_per_step(tmp_path):

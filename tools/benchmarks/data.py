@@ -12,6 +12,15 @@ Figures:
   stream_over_train_K              the ratio (aim: >= 50, so data loading is never the bottleneck)
   padding_fraction[_bucket_window_16]  padded share of positions (2 ranks x micro-batch 16 x 1 accumulation
                                    step: 2 buckets per global batch), and with windows of 16 global batches
+  rank_balance_W{W}_A{A}            per step, how the ranks' work differs, before (equal rows; micro-batch j of
+                                   the length-sorted step to rank j mod W) and after (andy_dist.data.batch_plan:
+                                   cut by padded size, dealt largest first to the least loaded rank):
+                                   {padded,real}_spread_{before,after}: (max - min) / mean over ranks of padded
+                                   positions (the work) and real tokens, averaged over steps;
+                                   last_rank_slowest_{before,after}: share of steps whose largest padded load
+                                   is the last rank's; step_work_after_over_before: the slowest rank's padded
+                                   positions summed over steps (what synchronous steps wait for), after / before;
+                                   padding_{before,after}: padded share of all ranks' positions
 """
 
 from __future__ import annotations
@@ -109,6 +118,51 @@ def _train_tokens_s(shards, vocab_size: int, steps: int) -> float:
     return tokens / seconds
 
 
+def _loads(groups: list, capped: dict, world: int, ranks: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(padded positions, real tokens) per rank, rank r computing groups[i] for i in ranks[r]."""
+    padded, real = [], []
+    for indices in ranks:
+        rows = [[capped[i] for i in groups[j]] for j in indices]
+        padded.append(sum(len(r) * max(r) for r in rows))
+        real.append(sum(sum(r) for r in rows))
+    return padded, real
+
+
+def _rank_balance(shards, world: int, accum: int, steps: int) -> dict:
+    """Per-rank work of the first `steps` steps, as planned now and as the round-robin deal had it."""
+    import numpy as np
+
+    planner = TrainStream(shards, rank=0, world_size=world, micro_batch_size=MICRO_BATCH, grad_accum=accum, seed=0,
+                          max_seq_len=SEQ_LEN).planner
+    spreads = {key: [] for key in ("padded_before", "padded_after", "real_before", "real_after")}
+    last_slowest = {"before": 0, "after": 0}
+    slowest_work = {"before": 0, "after": 0}
+    positions = {"before": 0, "after": 0}
+    real_tokens = 0
+    count = min(steps, planner.steps_from(0))
+    for step in range(count):
+        plan = planner.plan(0, step * planner.global_batch, step)
+        capped = dict(zip(plan.sample_ids.tolist(), plan.lengths.tolist()))
+        ordered = sorted(capped, key=lambda i: capped[i])
+        old_groups = [ordered[j * MICRO_BATCH:(j + 1) * MICRO_BATCH] for j in range(world * accum)]
+        old = _loads(old_groups, capped, world, [list(range(r, world * accum, world)) for r in range(world)])
+        new = _loads([g.tolist() for g in plan.micro_batches], capped, world, plan.ranks)
+        for name, (padded, real) in (("before", old), ("after", new)):
+            spreads[f"padded_{name}"].append((max(padded) - min(padded)) / np.mean(padded))
+            spreads[f"real_{name}"].append((max(real) - min(real)) / np.mean(real))
+            last_slowest[name] += int(np.argmax(padded)) == world - 1
+            slowest_work[name] += max(padded)
+            positions[name] += sum(padded)
+        real_tokens += sum(new[1])
+    figures = {f"{key.split('_')[0]}_spread_{key.split('_')[1]}": round(float(np.mean(v)), 4)
+               for key, v in spreads.items()}
+    figures.update({f"last_rank_slowest_{k}": round(v / count, 3) for k, v in last_slowest.items()})
+    figures["step_work_after_over_before"] = round(slowest_work["after"] / slowest_work["before"], 4)
+    figures.update({f"padding_{k}": round(1 - real_tokens / v, 4) for k, v in positions.items()})
+    figures["steps"] = count
+    return figures
+
+
 def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
@@ -138,5 +192,7 @@ def run(args) -> dict:
             figures[f"stream_over_train_{workers}_workers"] = round(tokens_s / train, 1)
             figures["padding_fraction"] = round(padding, 4)
         figures["padding_fraction_bucket_window_16"] = round(_stream_tokens_s(shards, 0, args.steps, 16)[1], 4)
+        for world, accum in ((2, 1), (4, 2)):
+            figures[f"rank_balance_W{world}_A{accum}"] = _rank_balance(shards, world, accum, args.steps)
         figures["cpu_threads"] = torch.get_num_threads()
         return figures

@@ -5,12 +5,18 @@
 Both sides in the same run, on the same shards (built-in corpus, 10,000-piece tokenizer), same
 model (tiny, fp32), same global batch (16 sequences x 1 accumulation x 2 ranks = 32), launched by
 torchrun with one thread per rank:
-  engine_tokens_s    launch/train.py (DeepSpeed ZeRO-1, the trainer's loop, logging every step),
-                     mean tokens/s over the timed steps from its metrics.jsonl
-  plain_tokens_s     tools/benchmarks/_plain_loop.py (DDP + torch AdamW), same steps
-  engine_over_plain  the ratio: 1.0 = no engine overhead
-  engine_mfu         the trainer's logged MFU (FLOPs/token 6N + 12LdT against the matmul peak each
-                     rank measured on its one thread), and plain_mfu the baseline against the same peak
+  engine_tokens_s    launch/train.py (DeepSpeed ZeRO-1, the trainer's loop, logging every step): tokens
+                     of the timed steps over their wall clock, from its metrics.jsonl (train/tokens_per_s
+                     is the wall clock between log lines: steps, data waits, logging)
+  engine_compute_tokens_s  the same tokens over the time inside the optimizer steps alone
+                     (train/tokens_per_s_compute), and engine_data_wait_fraction
+  plain_tokens_s     tools/benchmarks/_plain_loop.py (DDP + torch AdamW), same steps, same batches, wall
+                     clock of its loop (data included)
+  engine_over_plain  the ratio of the two wall-clock figures: 1.0 = no engine overhead
+  engine_mfu         the trainer's wall-clock MFU over the timed steps (each sample's FLOPs at its own
+                     length, 6N + 12LdT per token, against the matmul peak each rank measured on its one
+                     thread), engine_mfu_compute inside the steps, and plain_mfu the baseline against the
+                     same peak (same batches, so the same FLOPs)
 """
 
 from __future__ import annotations
@@ -65,23 +71,41 @@ def run(args) -> dict:
                    f"micro_batch_size={MICRO}", "log_interval=1", "save_interval=100000", "sample_prompts=[]",
                    "eval_interval=100000"], env)
         logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-        steps = [m for m in logged if "train/loss" in m and m["step"] > args.warmup]
-        # The trainer logs tokens/s smoothed over its last 20 steps; the last value covers the timed steps.
-        engine = steps[-1]["train/tokens_per_s"]
-        engine_mfu = steps[-1]["train/mfu"]
+        engine_figures = _engine_figures([m for m in logged if "train/loss" in m], args.warmup)
         _torchrun(ROOT / "tools" / "benchmarks" / "_plain_loop.py",
                   [str(work / "shards"), str(work / "plain.json"), str(args.steps), str(args.warmup), str(MICRO),
                    str(ACCUM), "10000"], env)
         plain = json.loads((work / "plain.json").read_text())["tokens_per_s"]
     # Both MFUs against the peak each trainer rank measured for itself at start-up (a peak measured
     # here, beside other processes, would not be the one the engine divided by).
+    engine, engine_mfu = engine_figures["engine_tokens_s"], engine_figures["engine_mfu"]
     return {
         "setup": f"tiny fp32, {RANKS} CPU ranks x 1 thread, global batch {MICRO * ACCUM * RANKS}, "
                  f"samples <= {args.seq_len} tokens",
-        "engine_tokens_s": round(engine, 1),
+        **engine_figures,
         "plain_tokens_s": round(plain, 1),
         "engine_over_plain": round(engine / plain, 3),
-        "engine_mfu": engine_mfu,
         "plain_mfu": round(engine_mfu * plain / engine, 4) if isinstance(engine_mfu, float) else "n/a",
         "timed_steps": args.steps,
+    }
+
+
+def _engine_figures(training: list[dict], warmup: int) -> dict:
+    """Wall-clock and compute tokens/s, data wait and MFU over the steps after `warmup`, from log lines of
+    every step: each line's window is its tokens over its own rate."""
+    tokens = {m["step"]: m["train/tokens_seen"] for m in training}
+    timed = [m for m in training if m["step"] > warmup]
+    trained = [tokens[m["step"]] - tokens[m["step"] - 1] for m in timed]
+    wall = [t / m["train/tokens_per_s"] for t, m in zip(trained, timed)]
+    compute = [t / m["train/tokens_per_s_compute"] for t, m in zip(trained, timed)]
+    waited = sum(w * m["train/data_wait_fraction"] for w, m in zip(wall, timed))
+    mfu = [m["train/mfu"] for m in timed]
+    known = all(isinstance(v, float) for v in mfu)
+    return {
+        "engine_tokens_s": round(sum(trained) / sum(wall), 1),
+        "engine_compute_tokens_s": round(sum(trained) / sum(compute), 1),
+        "engine_data_wait_fraction": round(waited / sum(wall), 4),
+        "engine_mfu": round(sum(v * w for v, w in zip(mfu, wall)) / sum(wall), 4) if known else "n/a",
+        "engine_mfu_compute": round(sum(m["train/mfu_compute"] * c for m, c in zip(timed, compute)) / sum(compute), 4)
+        if known else "n/a",
     }

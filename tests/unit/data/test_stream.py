@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from andy_dist import BOS_ID, EOS_ID, PAD_ID, UserError
-from andy_dist.config import SIZES
+from andy_dist.config import SIZES, ConfigError
 from andy_dist.data.batch_plan import SeqLenSchedule
 from andy_dist.data.corpus import read_documents
 from andy_dist.data.shard_format import MANIFEST
@@ -25,6 +25,7 @@ from andy_dist.data.shard_reader import open_shards
 from andy_dist.data.shard_writer import write_shards
 from andy_dist.data.stream import TrainStream, ValStream, collate
 from andy_dist.model import AndyLM
+from andy_dist.train.settings import load_train_config
 
 torch.set_num_threads(1)
 
@@ -119,11 +120,10 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(set_name, request)
 
 
 def test_equal_micro_batch_counts_on_uneven_shards(shards):
-    for kwargs in ({}, {"max_tokens_per_micro_batch": 3 * 128 * 2}):
-        counts = [[len(step.micro_batches) for step in stream(shards, rank, 2, micro_batch_size=3,
-                                                                 grad_accum=3, **kwargs).iter_epoch()]
-                  for rank in range(2)]
-        assert counts[0] == counts[1] and set(counts[0]) == {3}
+    counts = [[len(step.micro_batches)
+               for step in stream(shards, rank, 2, micro_batch_size=3, grad_accum=3).iter_epoch()]
+              for rank in range(2)]
+    assert counts[0] == counts[1] and set(counts[0]) == {3}
     val_counts = [len(list(ValStream(shards, rank, 3, micro_batch_size=5, max_seq_len=128))) for rank in range(3)]
     assert len(set(val_counts)) == 1
 
@@ -214,7 +214,7 @@ def test_resume_with_another_world_size_at_the_same_global_batch(shards):
         before = [reference[r][stop + k] for r in range(2)]
         assert step["global"] == before[0]["global"] and step["targets"] == before[0]["targets"]
         assert rows_of([step]) == rows_of(before)  # the same token rows, computed by one rank
-        assert len(step["ids"]) == 2 and all(len(ids) == 4 for ids in step["ids"])
+        assert len(step["ids"]) == 2 and sum(len(ids) for ids in step["ids"]) == 8  # A micro-batches, G rows
 
 
 def rows_of(records: list[dict]) -> list[tuple[int, ...]]:
@@ -268,19 +268,30 @@ def test_length_bucketing_lowers_padding(shards):
     assert np.mean(bucketed) < 0.5 * np.mean(unsorted)
 
 
-def test_token_budget_micro_batches(shards):
-    budget = 4 * 128
-    s = stream(shards, micro_batch_size=4, grad_accum=2, max_tokens_per_micro_batch=budget)
-    rows = set()
+def test_micro_batches_are_cut_by_padded_size_never_larger_than_equal_rows(shards):
+    """Each step's micro-batches are cut so the largest padded size (rows x longest row) is as small as it
+    can be: never above what M rows each would give, below it on steps of mixed lengths, short rows sharing
+    a micro-batch in greater numbers. (This replaced max_tokens_per_micro_batch, a budget that could not
+    bind: it had to be at least M x max_seq_len, which M rows of any length always fit.)"""
+    M, A = 4, 2
+    s = stream(shards, micro_batch_size=M, grad_accum=A)
+    lengths = shards.lengths("train")
+    smaller, rows = 0, set()
     for step in itertools.islice(s.iter_epoch(), 30):
-        assert len(step.micro_batches) == 2 and len(step.global_sample_ids) == 8
-        for mb in step.micro_batches:
-            assert mb.input_ids.numel() <= budget
-            rows.add(mb.input_ids.shape[0])
+        assert len(step.micro_batches) == A and len(step.global_sample_ids) == M * A
         assert sorted(step.sample_ids.tolist()) == sorted(step.global_sample_ids.tolist())
-    assert len(rows) > 1  # short samples share a micro-batch with more rows
-    with pytest.raises(UserError, match="max_tokens_per_micro_batch"):
-        stream(shards, micro_batch_size=4, max_tokens_per_micro_batch=100)
+        largest = max(mb.input_ids.numel() for mb in step.micro_batches)
+        by_length = np.sort(lengths[step.global_sample_ids])
+        equal_rows = max(M * int(by_length[(j + 1) * M - 1]) for j in range(A))
+        assert largest <= equal_rows
+        smaller += largest < equal_rows
+        rows.update(mb.input_ids.shape[0] for mb in step.micro_batches)
+    assert smaller >= 5 and len(rows) > 1, (smaller, rows)
+    with pytest.raises(TypeError):
+        stream(shards, micro_batch_size=4, max_tokens_per_micro_batch=512)
+    for override in ("max_tokens_per_micro_batch=4096", "data.max_tokens_per_micro_batch=4096"):
+        with pytest.raises(ConfigError, match="max_tokens_per_micro_batch was removed: .* lower micro_batch_size"):
+            load_train_config(overrides=[override])
 
 
 def test_sequence_length_schedule(shards):

@@ -8,17 +8,16 @@ import torch
 from safetensors.torch import save_file
 
 from andy_dist import UserError
-from andy_dist.config import ModelConfig
 from andy_dist.infer.model_file import FORMAT_VERSION, load_model_file, read_header, save_model_file
 from andy_dist.model import AndyLM
 
 
 @pytest.fixture(scope="module")
-def trained(tokenizer):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_heads=2, n_layers=2, dropout=0.0)
-    model = AndyLM(cfg).eval()
-    return model, cfg
+def trained(trained_tiny):
+    """A small model really trained (200 steps on the built-in corpus, tests/tiny_training.py): quantization
+    meets the weights training makes, not those of an initialisation."""
+    assert trained_tiny.losses[-1] < trained_tiny.losses[0] - 2.0
+    return trained_tiny.model(), trained_tiny.cfg
 
 
 def logits(model, ids):

@@ -19,6 +19,7 @@ from andy_dist.train.flops import (
     measure_cpu_peak,
     mfu,
     peak_flops,
+    sequence_flops,
 )
 
 T = 128
@@ -51,6 +52,18 @@ def test_training_flops_match_pytorch_counter(size):
     assert abs(analytic - total) / total < 0.05, (size, analytic, total)  # the issue's bound
     assert analytic == pytest.approx(total, rel=1e-3)  # in fact exact: every counted product is in the formula
     assert attention == 12 * cfg.n_layers * cfg.d_model * T * T  # the attention term on its own
+
+
+def test_a_batch_of_mixed_lengths_counts_each_sample_at_its_own_length():
+    """What a training step's MFU divides: the FLOPs PyTorch counts for each sample at its real length."""
+    torch.manual_seed(0)
+    cfg = SIZES["tiny"].replace(vocab_size=2000)
+    model = AndyLM(cfg)
+    lengths = [7, 64, 19, 128]
+    counted = sum(counted_flops(model, t, backward=True)[0] for t in lengths)
+    assert sequence_flops(cfg, lengths) == pytest.approx(counted, rel=1e-3)
+    assert MfuMeter(cfg, None, "cpu", "fp32", peak=1e12).step_flops(lengths) == sequence_flops(cfg, lengths)
+    assert sequence_flops(cfg, lengths) < sum(lengths) * flops_per_token(cfg, max(lengths))  # not at the longest
 
 
 def test_forward_only_is_a_third_and_tied_head_still_counts():

@@ -15,10 +15,10 @@ from andy_dist import UserError
 from andy_dist.train.metrics import (
     FP16_KEYS,
     METRIC_KEYS,
+    SAMPLE_KEYS,
     TRAIN_KEYS,
     VAL_KEYS,
     MetricsLogger,
-    Throughput,
     bits_per_byte,
     memory_gb,
     resolve_wandb_mode,
@@ -44,6 +44,8 @@ def train_values(step: int, mfu=0.31) -> dict:
     return {
         "train/loss": 5.0 / step, "train/lr": 3e-4, "train/grad_norm": torch.tensor(1.5),
         "train/tokens_per_s": 2000.0, "train/tokens_per_s_per_rank": 1000.0, "train/mfu": mfu,
+        "train/tokens_per_s_compute": 2500.0, "train/data_wait_fraction": 0.05,
+        "train/mfu_compute": None if mfu is None else 1.25 * mfu,
         "train/global_batch_seqs": 32, "train/global_batch_tokens": 4096, "train/padding_fraction": 0.1,
         "train/tokens_seen": 4096 * step, "train/epoch": 0, "sys/memory_gb": memory_gb(),
         "time/elapsed_s": 1.0 * step, "time/eta_s": 10.0 - step,
@@ -51,8 +53,11 @@ def train_values(step: int, mfu=0.31) -> dict:
 
 
 def test_standard_keys_cover_the_issue_list():
-    assert set(TRAIN_KEYS) | set(FP16_KEYS) | set(VAL_KEYS) == set(METRIC_KEYS)
-    assert {"train/mfu", "sys/memory_gb", "time/eta_s", "train/tokens_per_s_per_rank"} <= set(TRAIN_KEYS)
+    assert set(TRAIN_KEYS) | set(FP16_KEYS) | set(VAL_KEYS) | set(SAMPLE_KEYS) == set(METRIC_KEYS)
+    assert {"train/mfu", "sys/memory_gb", "time/eta_s", "train/tokens_per_s_per_rank", "train/tokens_per_s_compute",
+            "train/data_wait_fraction"} <= set(TRAIN_KEYS)
+    assert {"samples/logprob", "samples/distinct_1", "samples/distinct_2", "samples/repeat_3gram",
+            "samples/eos_fraction", "samples/length"} == set(SAMPLE_KEYS)
     assert set(VAL_KEYS) == {"val/loss", "val/ppl", "val/bpb", "val/best_loss", "val/bad_evals", "val/patience"}
 
 
@@ -180,17 +185,6 @@ def test_auto_mode_prints_one_line_saying_why(tmp_path, monkeypatch):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
-def test_throughput_smooths_over_the_window_and_estimates_eta():
-    meter = Throughput(total_steps=10, window=2)
-    assert meter.eta_s(0) is None
-    assert meter.update(1000, 1.0) == 1000
-    assert meter.update(3000, 1.0) == 2000  # (1000 + 3000) / 2 s
-    assert meter.update(3000, 2.0) == pytest.approx(2000)  # the first step left the window: 6000 / 3 s
-    assert meter.tokens_seen == 7000 and meter.elapsed_s == 4.0
-    assert meter.eta_s(3) == pytest.approx(7 * 1.5)
-    assert Throughput().eta_s(1) is None
-
-
 def test_bits_per_byte_and_perplexity():
     # ln 2 nats per token over as many tokens as bytes is exactly one bit per byte
     assert bits_per_byte(math.log(2), 1000, 1000) == pytest.approx(1.0)
@@ -224,6 +218,7 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     from andy_dist.config import model_config
     from andy_dist.model import AndyLM
     from andy_dist.train.flops import MfuMeter
+    from andy_dist.train.throughput import SpeedWindow
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -231,8 +226,10 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     cfg = model_config("tiny", vocab_size=512)
     model = AndyLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    meter = MfuMeter(cfg, seq_len=32, device="cpu", dtype=torch.float32)
-    throughput = Throughput(total_steps=3)
+    meter = MfuMeter(cfg, seq_len=None, device="cpu", dtype=torch.float32)
+    speed = SpeedWindow(world, total_steps=3, mfu_meter=meter)
+    speed.start()
+    tokens_seen, started = 0, time.perf_counter()
     log = MetricsLogger(run_dir, {"model": cfg.to_dict()}, is_main=rank == 0, wandb_mode="offline",
                         total_steps=3, console_stream=io.StringIO())
     for step in range(1, 4):
@@ -245,15 +242,14 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         opt.step()
         figures = torch.tensor([out.loss_sum.item(), out.target_tokens.item()], dtype=torch.float64)
         dist.all_reduce(figures)
-        per_rank = throughput.update(int(out.target_tokens), time.perf_counter() - start)
+        speed.stepped(4 * 32 * world, time.perf_counter() - start, meter.step_flops([32] * 4 * world))
+        tokens_seen += 4 * 32 * world
         log.log(step, {
             "train/loss": figures[0].item() / figures[1].item(), "train/lr": 1e-3, "train/grad_norm": grad_norm,
-            "train/tokens_per_s": per_rank * world, "train/tokens_per_s_per_rank": per_rank,
-            "train/mfu": meter(per_rank), "train/global_batch_seqs": 4 * world,
+            **speed.read(step), "train/global_batch_seqs": 4 * world,
             "train/global_batch_tokens": int(figures[1].item()), "train/padding_fraction": 0.0,
-            "train/tokens_seen": throughput.tokens_seen * world, "train/epoch": 0,
-            "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s,
-            "time/eta_s": throughput.eta_s(step),
+            "train/tokens_seen": tokens_seen, "train/epoch": 0,
+            "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": time.perf_counter() - started,
         })
     log.close()
     dist.barrier()
