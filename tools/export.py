@@ -32,23 +32,24 @@ def main() -> int:
 
     from andy_dist import UserError
     from andy_dist.cli import check_output_path
-    from andy_dist.config import ModelConfig
     from andy_dist.data.tokenizer import Tokenizer
-    from andy_dist.infer.export import load_checkpoint_weights
+    from andy_dist.infer.export import load_logical_weights
     from andy_dist.infer.model_file import save_model_file
-    from andy_dist.train.checkpoint_format import TOKENIZER_FILE, resolve_checkpoint
+    from andy_dist.train.checkpoint_format import TOKENIZER_FILE, read_meta, resolve_checkpoint
 
     dtype = args.dtype or "int8"
     check_output_path(args.output, "-o")  # before the minutes of reading a large checkpoint
-    ckpt, _ = resolve_checkpoint(args.checkpoints, args.tag)
-    state, meta = load_checkpoint_weights(args.checkpoints, args.tag)
+    ckpt, tag = resolve_checkpoint(args.checkpoints, args.tag)
     tokenizer = Tokenizer.from_file(args.tokenizer or ckpt / TOKENIZER_FILE)
-    if meta.get("tokenizer_sha256") and tokenizer.sha256 != meta["tokenizer_sha256"]:
+    trained_with = read_meta(ckpt / tag).get("tokenizer_sha256")
+    if trained_with and tokenizer.sha256 != trained_with:
         raise UserError(f"tokenizer {args.tokenizer or ckpt / TOKENIZER_FILE} is not the one this checkpoint "
                         f"was trained with (sha256 differs); pass the run's tokenizer with --tokenizer")
+    # The file holds the rows of the tokenizer's ids only: no padding, and none of a larger model vocabulary.
+    state, cfg, meta = load_logical_weights(args.checkpoints, args.tag, vocab_size=tokenizer.vocab_size)
     source = {k: meta.get(k) for k in ("checkpoint", "tag", "step", "zero_stage", "world_size", "precision")}
-    path = save_model_file(args.output, state, ModelConfig.from_dict(meta["model_config"]), tokenizer, dtype=dtype,
-                           source=source, quantize_embeddings=not args.float_embeddings)
+    path = save_model_file(args.output, state, cfg, tokenizer, dtype=dtype, source=source,
+                           quantize_embeddings=not args.float_embeddings)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {dtype}) from {meta['checkpoint']} tag {meta['tag']} "
           f"step {meta.get('step')}")
     return 0

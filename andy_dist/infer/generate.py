@@ -16,6 +16,11 @@ prompt + the tokens generated so far.
 Ensemble: several models sharing a tokenizer each keep their own cache; the next token is chosen
 from the mean of their log-probabilities (for one model, from its raw logits, so the repetition
 penalty's sign rule applies to logits as documented in `andy_dist.infer.token_sampling`).
+
+Only ids below `valid_vocab` are ever chosen: the scores are cut to those columns before sampling.
+`generate_text` passes the tokenizer's size, so a model whose vocabulary is larger than its tokenizer
+(trained on a smaller tokenizer's shards) never produces an id the tokenizer cannot decode; the model's
+own padded rows never reach here (`andy_dist.lm_head`).
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ def _device(model: AndyLM) -> torch.device:
     return model.embed.weight.device
 
 
-def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
-    """(B, V) scores from each member's last-position logits (B, V)."""
+def _scores(logits: list[torch.Tensor], valid_vocab: int) -> torch.Tensor:
+    """(B, valid_vocab) scores from each member's last-position logits (B, V): ids past valid_vocab are cut."""
+    logits = [lg[:, :valid_vocab] for lg in logits]
     if len(logits) == 1:
         return logits[0].float()
     return torch.stack([torch.log_softmax(lg.float(), dim=-1) for lg in logits]).mean(0)
@@ -62,7 +68,7 @@ def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
 @torch.inference_mode()
 def _generate_batch(
     models: list[AndyLM], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
-    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int],
+    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int], valid_vocab: int,
 ) -> tuple[list[list[int]], list[bool]]:
     """One left-padded batch: (new tokens per row, whether the row is done) - a row not done ran
     out of cache before its budget and must continue in another round."""
@@ -80,7 +86,7 @@ def _generate_batch(
     padded = bool((lengths < P).any())  # without padding the causal fast path needs no mask
     seen = None
     if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, models[0].cfg.vocab_size, dtype=torch.bool, device=device)
+        seen = torch.zeros(B, valid_vocab, dtype=torch.bool, device=device)
         counted = ids.clone()  # the prompt tokens that count as seen: all but each row's unseen prefix
         for i, p in enumerate(prompts):
             counted[i, P - len(p) : P - len(p) + unseen_prefix[i]] = PAD_ID
@@ -96,7 +102,7 @@ def _generate_batch(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for t in range(steps):
-        token = next_token(_scores(logits), sampling, seen, generator)  # (b,)
+        token = next_token(_scores(logits, valid_vocab), sampling, seen, generator)  # (b,)
         token = token.masked_fill(finished, PAD_ID)
         out[rows, t] = token
         produced = t + 1
@@ -139,16 +145,23 @@ def generate(
     eos_id: int = EOS_ID,
     seed: Optional[int] = None,
     batch_size: Optional[int] = None,
+    valid_vocab: Optional[int] = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (token ids, BOS included where wanted), EOS kept where reached.
 
     model: an AndyLM in eval mode (any dtype, CPU or GPU), or a list of them for an ensemble.
     seed: makes the run repeatable (the same prompts, batch size and device give the same tokens);
     None uses torch's global generator. batch_size: prompts per forward pass (default: all).
+    valid_vocab: only ids below it are generated (the tokenizer's size); default the model's vocabulary.
     """
     models = _as_list(model)
     max_len = min(m.cfg.max_seq_len for m in models)
     vocab = models[0].cfg.vocab_size
+    if valid_vocab is not None:
+        if not 0 < valid_vocab <= vocab:
+            raise UserError(f"valid_vocab={valid_vocab} must be in 1..{vocab}: a tokenizer with more pieces than "
+                            f"the model's vocabulary ({vocab}) does not belong to it")
+        vocab = valid_vocab
     for i, p in enumerate(prompts):
         if not p:
             raise UserError(f"prompt {i} is empty; start it with BOS (tokenizer.encode(text, bos=True))")
@@ -174,7 +187,7 @@ def generate(
         for start in range(0, len(pending), size):
             batch = pending[start : start + size]
             new, done = _generate_batch(models, [b[1] for b in batch], [b[2] for b in batch], sampling,
-                                        eos_id, generator, [b[3] for b in batch])
+                                        eos_id, generator, [b[3] for b in batch], vocab)
             for (i, seq, left, skip), tokens, finished in zip(batch, new, done):
                 results[i].extend(tokens)
                 if not finished and len(tokens) < left and (not tokens or tokens[-1] != eos_id):
@@ -192,7 +205,9 @@ def generate_text(
     seed: Optional[int] = None,
     batch_size: Optional[int] = None,
 ) -> list[str]:
-    """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned."""
+    """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned (only ids
+    the tokenizer has are generated)."""
     ids = tokenizer.encode_batch(prompts, bos=True)
-    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size)
+    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size,
+                   valid_vocab=tokenizer.vocab_size)
     return [tokenizer.decode(tokens) for tokens in new]

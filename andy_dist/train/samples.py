@@ -1,4 +1,7 @@
-"""Text the model writes while it trains: the configured prompts continued by a copy of the model."""
+"""Text the model writes while it trains: the configured prompts continued by a copy of the model.
+
+A failure here never stops the run: the trainer calls it inside `andy_dist.train.nonfatal.nonfatal`.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ class TrainingSamples:
             self._model = AndyLM(self.model_cfg).to(self.device).eval()
         self._model.load_state_dict(weights)
         prompts = [self.tokenizer.encode(p, bos=True) for p in self.settings.prompts]
+        # Only ids the tokenizer has: the model's vocabulary may be larger than the tokenizer's (trained on a
+        # smaller tokenizer's shards), and decoding an id past it raises.
         outputs = generate(self._model, prompts, max_new_tokens=self.settings.max_new_tokens, sampling=self.sampling,
-                           seed=self.seed + step)
+                           seed=self.seed + step, valid_vocab=self.tokenizer.vocab_size)
         return [{"prompt": p, "completion": self.tokenizer.decode(o), "temperature": self.sampling.temperature,
                  "top_k": self.sampling.top_k, "top_p": self.sampling.top_p}
                 for p, o in zip(self.settings.prompts, outputs)]
