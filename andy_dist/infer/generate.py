@@ -68,10 +68,11 @@ def _scores(logits: list[torch.Tensor], valid_vocab: int) -> torch.Tensor:
 @torch.inference_mode()
 def _generate_batch(
     models: list[AndyLM], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
-    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int], valid_vocab: int,
+    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int], valid_vocab: Optional[int] = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """One left-padded batch: (new tokens per row, whether the row is done) - a row not done ran
     out of cache before its budget and must continue in another round."""
+    valid_vocab = valid_vocab or models[0].cfg.vocab_size
     device, max_len = _device(models[0]), min(m.cfg.max_seq_len for m in models)
     B, P = len(prompts), max(len(p) for p in prompts)
     steps = min(max(budgets), max_len - P)

@@ -184,3 +184,11 @@ def test_a_model_file_written_before_padding_loads(tokenizer, tmp_path):
     ids = torch.tensor([tokenizer.encode("def f(x):", bos=True)])
     reference, _, _ = load_model_file(path)
     torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
+
+
+def test_a_second_backward_through_the_chunked_loss_is_refused():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    loss = linear_cross_entropy_sum(hidden, torch.randn(12, 8), torch.randint(1, 12, (6,)), vocab_size=12)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
