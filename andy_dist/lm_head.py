@@ -11,7 +11,7 @@ their softmax for backward. `linear_cross_entropy_sum` walks the tokens in chunk
 per chunk it forms the logits, the loss, and - when gradients are wanted - the chunk's gradients with
 respect to the hidden states and the weight (softmax minus one-hot, two matmuls), then drops the logits.
 Backward only scales the stored gradients by the incoming one. The FLOPs are those of the plain path (no
-recomputation); the peak is one chunk of logits plus an fp32 copy of the head's gradient.
+recomputation); the peak is one chunk of logits plus the head's gradient, kept in fp32 across chunks.
 
 Why not torch's own chunked `F.linear_cross_entropy` (new in 2.13): it returns the loss in the input's dtype,
 and in bf16 the sum over 512 tokens came out 1% off (3,632 against 3,669, measured); the logged training
@@ -30,8 +30,12 @@ import torch.nn.functional as F
 from andy_dist import PAD_ID
 from andy_dist.config import ModelConfig
 
-# Tokens per chunk of the loss, chosen with `python tools/bench.py memory` (see its docstring): fewer adds
-# per-chunk overhead, more adds memory (a chunk's fp32 logits are LOSS_CHUNK_TOKENS x vocabulary x 4 bytes).
+# Tokens per chunk of the loss, chosen with `python tools/bench.py memory`: a chunk's fp32 logits are
+# LOSS_CHUNK_TOKENS x vocabulary x 4 bytes, and every chunk launches a dozen kernels. Medium's head at 2,048
+# tokens on the 2-core CPU (fp32, best of 7): chunks of 512, 1,024 and 2,048 all took 0.83-0.85x the time of
+# the full logits, at 213, 311 and 506 MB of peak against 1,183. 1,024 keeps the memory low and halves the
+# kernel launches of 512 for a GPU, where larger chunks may pay more: scripts/gpu_checks.sh (step 4)
+# measures 1,024-8,192 on one.
 LOSS_CHUNK_TOKENS = 1024
 
 
@@ -87,16 +91,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                        if ctx.needs_input_grad[1] else None)
         loss = _loss_pass(hidden, weight, targets, vocab_size, chunk, grad_hidden, grad_weight)
-        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        # The head's gradient stays fp32 until backward has scaled it: in fp16 the unscaled sums of small
+        # products would fall into the subnormal range that loss scaling exists to avoid.
+        ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
             raise RuntimeError("the chunked loss supports one backward per forward (no retain_graph)")
-        grads, ctx.grads = ctx.grads, None
-        # Scaled in place: the stored gradients become the returned ones, with no second copy of the head's.
-        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        # Scaled in place: the stored gradients become the returned ones (fp32 weights: no second copy).
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.float()).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -37,8 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", default="medium", help="the shape whose head is measured")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per case; 0: peak memory only")
     parser.add_argument("--step-sizes", nargs="*", default=["tiny", "medium"], help="sizes of the step section")
     parser.add_argument("--step-batch", type=int, default=4)
     parser.add_argument("--step-seq-len", type=int, default=256)
@@ -168,16 +168,18 @@ def run(args) -> dict:
 
     cfg = model_config(args.size).replace(vocab_pad_multiple=PAD)
     tokens, common = args.batch * args.seq_len, (args.device, args.dtype)
-    ms = _in_fresh_process(head_times, *common, args.size, tokens, args.chunks, args.reps, args.threads)
+    ms = (_in_fresh_process(head_times, *common, args.size, tokens, args.chunks, args.reps, args.threads)
+          if args.reps else {})
     head = {}
     for name, chunk in [("full", 0)] + [(f"chunked_{c}", c) for c in args.chunks]:
-        head[name] = {**_in_fresh_process(head_peak, *common, args.size, tokens, chunk, args.threads), "ms": ms[name]}
+        head[name] = {**_in_fresh_process(head_peak, *common, args.size, tokens, chunk, args.threads),
+                      "ms": ms.get(name)}
         print(f"head {name}: {head[name]}", flush=True)
     for figures in head.values():
         figures["peak_over_full"] = round(figures["peak_mb"] / max(head["full"]["peak_mb"], 0.1), 3)
-        figures["time_over_full"] = round(figures["ms"] / head["full"]["ms"], 3)
+        figures["time_over_full"] = round(figures["ms"] / head["full"]["ms"], 3) if ms else None
     steps = {}
-    for size in args.step_sizes:
+    for size in args.step_sizes if args.reps else ():
         ms = _in_fresh_process(step_times, *common, size, args.step_batch, args.step_seq_len, args.reps, args.threads)
         steps[size] = {"ms": ms, "over_unpadded_full": {k: round(v / ms["unpadded_full"], 3) for k, v in ms.items()}}
         print(f"step {size}: {steps[size]}", flush=True)
