@@ -17,7 +17,7 @@ MAX_SEQ_LEN = 512
 POSITION_TABLES = ("sinusoidal", "stored")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 # ModelConfig fields added after checkpoints and model files were first written, with their defaults.
-_LATER_FIELDS = {"position_table": "sinusoidal", "activation": "gelu"}
+_LATER_FIELDS = {"position_table": "sinusoidal", "activation": "gelu", "vocab_pad_multiple": 1}
 
 
 # Keys that older versions wrote into a model config and that are no longer part of a model's shape.
@@ -54,9 +54,14 @@ class ModelConfig:
     learned position embedding kept as given on import (`andy_dist.infer.hf_import`); it starts as the sinusoid."""
     activation: str = "gelu"
     """Feed-forward activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation GPT-2 was trained with)."""
+    vocab_pad_multiple: int = 1
+    """The embedding and LM-head rows are rounded up to a multiple of this (128 for the shipped sizes: GPU
+    matrix kernels tile such a dimension without a ragged edge). The extra rows are never sampled, take no
+    part in the loss and are never exported. A config without this key (written before it existed) is
+    unpadded, which is what 1 means."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_mult"):
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_mult", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
@@ -84,6 +89,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: `vocab_size` rounded up to `vocab_pad_multiple`.
+
+        Everything that means token ids (sampling, the loss, export, tokenizer checks) uses
+        `vocab_size`; only the two weight matrices have these rows."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -108,11 +121,15 @@ class ModelConfig:
         return cls(**data)
 
 
+# Rows of the shipped sizes' embedding and head: 50,000 -> 50,048, 30,000 -> 30,080, 10,000 -> 10,112.
+VOCAB_PAD_MULTIPLE = 128
+
 # The three documented sizes. Global batch ranges are in sequences per optimizer step.
 SIZES: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=10_000, d_model=128, n_heads=2, n_layers=2),
-    "small": ModelConfig(vocab_size=30_000, d_model=256, n_heads=4, n_layers=4),
-    "medium": ModelConfig(vocab_size=50_000, d_model=512, n_heads=8, n_layers=6),
+    name: ModelConfig(vocab_size=vocab, d_model=d, n_heads=heads, n_layers=layers,
+                      vocab_pad_multiple=VOCAB_PAD_MULTIPLE)
+    for name, (vocab, d, heads, layers) in {"tiny": (10_000, 128, 2, 2), "small": (30_000, 256, 4, 4),
+                                            "medium": (50_000, 512, 8, 6)}.items()
 }
 
 GLOBAL_BATCH_RANGE: dict[str, tuple[int, int]] = {

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from andy_dist import PAD_ID
 from andy_dist.config import ModelConfig
+from andy_dist.lm_head import LMHead, token_loss
+
+__all__ = ["AndyLM", "KVCache", "LMOutput", "sinusoidal_table", "token_loss"]
 
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: Optional[torch.Tensor]  # (B, T, V), or (B, 1, V) with last_only; None when targets were given
     loss_sum: Optional[torch.Tensor]  # summed cross-entropy over non-PAD targets (fp32 scalar)
     target_tokens: Optional[torch.Tensor]  # how many targets were not PAD (int64 scalar)
 
@@ -187,15 +189,15 @@ class AndyLM(nn.Module):
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         # Given its tensor, an embedding skips its normal_ init, which on the meta device imports torch's compiler.
-        empty = None if init_weights else torch.empty(cfg.vocab_size, cfg.d_model)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=empty)
+        empty = None if init_weights else torch.empty(cfg.padded_vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, _weight=empty)
         # A buffer, never a parameter: not trained. Saved with the weights only when it is a stored table.
         self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model),
                              persistent=cfg.position_table == "stored")
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if init_weights:
@@ -203,6 +205,9 @@ class AndyLM(nn.Module):
 
     def _init_all(self) -> None:
         self.apply(self._init_weights)
+        with torch.no_grad():  # rows past the vocabulary (padding) are never read: keep them inert
+            self.embed.weight[self.cfg.vocab_size :].zero_()
+            self.lm_head.weight[self.cfg.vocab_size :].zero_()
         # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
         for block in self.blocks:
             for proj in (block.attn.proj, block.ffn.out):
@@ -216,8 +221,10 @@ class AndyLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
-        """Trainable parameters, a tied embedding counted once (the sinusoidal table is not a parameter)."""
-        return sum(p.numel() for p in self.parameters())
+        """The model's parameters as exported: a tied embedding counted once, the padded vocabulary rows not
+        (the sinusoidal table is not a parameter)."""
+        padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.d_model
+        return sum(p.numel() for p in self.parameters()) - padding * (1 if self.cfg.tie_embeddings else 2)
 
     def forward(
         self,
@@ -258,11 +265,13 @@ class AndyLM(nn.Module):
         x = self.ln_out(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
-            return LMOutput(logits, None, None)
-        loss_sum, count = token_loss(logits, targets)
-        return LMOutput(logits, loss_sum, count)
+            return LMOutput(self.lm_head(x), None, None)  # (B, T, V)
+        if isinstance(self.lm_head, LMHead):  # chunked: the (B, T, V) logits are never formed
+            loss_sum, count = self.lm_head(x, targets)
+        else:  # an inference head (int8) of an exported model, whose rows are the vocabulary
+            loss_sum, count = token_loss(self.lm_head(x), targets)
+        return LMOutput(None, loss_sum, count)
 
     def decode_step(
         self, token: torch.Tensor, position: torch.Tensor, kv_cache: KVCache, write_at: torch.Tensor,
@@ -284,15 +293,3 @@ class AndyLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, allowed, False, kv_cache.layer(i), write_at)
         return self.lm_head(self.ln_out(x))[:, -1]  # (B, V)
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over non-PAD targets, and how many there were.
-
-    Summing (not averaging) lets gradient accumulation divide by the target tokens of the whole
-    global batch, so 4 micro-batches of 2 give the gradient of 1 batch of 8.
-    """
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=PAD_ID, reduction="sum"
-    )
-    return loss_sum, (targets != PAD_ID).sum()

@@ -4,6 +4,8 @@
 #   2. medium, bf16, through the DeepSpeed engine on one GPU: tokens/s and MFU
 #   3. generation tokens/s, medium, bf16 and int8, batch 1/8/64, decode eager / CUDA graph / torch.compile,
 #      into $OUT/generate_gpu.json, plus a profile of one decode step eager and replayed (DEVICE=cpu: a dry run)
+#   4. the vocabulary: peak memory and time of the medium head's loss at 16 x 512, full logits vs chunked;
+#      step time padded (50,048 rows) vs unpadded, chunked vs full (tools/bench.py memory)
 # On a machine without network: bash ../shared/device/wheelhouse.sh here first, carry .whl and .device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,4 +87,8 @@ for mode in ["off", "cudagraph"] if cuda else ["off"]:
         generate(model, prompt, 16, greedy, eos_id=-1, compile=mode)
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
 PYEOF
+stamp "4. vocabulary head: full vs chunked loss, padded vs unpadded rows"
+timeout -k 10 ${MEM_TIMEOUT:-180} $PY tools/bench.py memory --device ${DEVICE:-cuda} --dtype bf16 --batch 16 --seq-len 512 \
+    --chunks 1024 2048 4096 8192 --reps 5 --step-sizes medium --step-batch 16 --step-seq-len 512 \
+    --out "$OUTDIR/vocab_memory_gpu.json" 2>&1 | tail -n 4
 stamp "done"

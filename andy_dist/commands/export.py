@@ -71,10 +71,10 @@ def _checkpoint_source(args):
     from andy_dist import UserError
     from andy_dist.config import ModelConfig
     from andy_dist.data.tokenizer import Tokenizer
-    from andy_dist.infer.export import describe_checkpoint, load_checkpoint_weights
+    from andy_dist.infer.export import describe_checkpoint, load_checkpoint_weights, logical_state_dict
     from andy_dist.infer.hf_import import is_hf_directory, read_hf_config
     from andy_dist.infer.weight_average import average_checkpoints, last_step_tags
-    from andy_dist.train.checkpoint_format import TOKENIZER_FILE, resolve_checkpoint
+    from andy_dist.train.checkpoint_format import TOKENIZER_FILE, read_meta, resolve_checkpoint
 
     if is_hf_directory(args.checkpoints) and not (Path(args.checkpoints) / "latest").exists():
         kind = read_hf_config(args.checkpoints).get("model_type") or "unknown"
@@ -87,14 +87,17 @@ def _checkpoint_source(args):
         raise UserError(f"no tokenizer at {tokenizer_path}; pass --tokenizer DIR/tokenizer.model, the one the run "
                         f"was trained with")
     tokenizer = Tokenizer.from_file(tokenizer_path)
-    state, meta = average_checkpoints(ckpt, tags) if tags else load_checkpoint_weights(ckpt, tag)
-    if meta.get("tokenizer_sha256") and tokenizer.sha256 != meta["tokenizer_sha256"]:
+    trained_with = read_meta(ckpt / tag).get("tokenizer_sha256")  # before the minutes of reading the weights
+    if trained_with and tokenizer.sha256 != trained_with:
         raise UserError(f"tokenizer {tokenizer_path} is not the one this checkpoint was trained with (sha256 "
                         f"differs); pass the run's tokenizer with --tokenizer")
+    state, meta = average_checkpoints(ckpt, tags) if tags else load_checkpoint_weights(ckpt, tag)
+    # The export holds the rows of the tokenizer's ids only: no padding, none of a larger model vocabulary.
+    state, cfg = logical_state_dict(state, ModelConfig.from_dict(meta["model_config"]), tokenizer.vocab_size)
     info = describe_checkpoint(meta)
     made = f"average of {', '.join(tags)}" if tags else f"tag {meta['tag']}"
     info["made_from"] = f"checkpoint {meta['checkpoint']}, {made}"
-    return state, ModelConfig.from_dict(meta["model_config"]), tokenizer, info
+    return state, cfg, tokenizer, info
 
 
 def _model_file_source(args):

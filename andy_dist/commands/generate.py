@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     ids = tokenizer.encode_batch(prompts, bos=True)
     new = generate(models, ids, args.max_new_tokens, sampling, seed=args.seed, batch_size=args.batch_size,
-                   compile=args.compile)
+                   compile=args.compile, valid_vocab=tokenizer.vocab_size)
     texts = [tokenizer.decode(tokens) for tokens in new]
     seconds = time.perf_counter() - start
     for prompt, text in zip(prompts, texts):

@@ -24,6 +24,10 @@ This mirrors `deepspeed.utils.zero_to_fp32`, which we cannot call: it unpickles 
 `weights_only=False`. Here every file is read with `weights_only=True`, allowing only the few
 plain DeepSpeed classes its optimizer states hold (loss scaler, stage enum, fragment address):
 `andy_dist.train.checkpoint_format.load_safely`, which also holds the tag, `latest` and meta rules.
+
+`load_checkpoint_weights` gives the weights as training holds them (embedding and head padded to
+`ModelConfig.padded_vocab_size` rows); `load_logical_weights` gives what every exported format holds: the
+rows of the token ids only, with the unpadded config that describes them.
 """
 
 from __future__ import annotations
@@ -168,6 +172,44 @@ def load_checkpoint_weights(ckpt_dir: str | Path, tag: str = "latest") -> tuple[
         state.setdefault("lm_head.weight", state["embed.weight"])
     _check_keys(state, cfg, tag_dir)
     return state, meta
+
+
+VOCAB_ROWS = ("embed.weight", "lm_head.weight")
+
+
+def logical_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                       vocab_size: int | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(weights, config) with the embedding and LM head cut to the first `vocab_size` rows, the config unpadded.
+
+    vocab_size: the token ids to keep; by default the model's (`cfg.vocab_size`: only the padding goes).
+    A tokenizer with fewer pieces than the model passes its own size: the rows no token id reaches go too.
+    The trimmed model gives every kept id the same logit as before, so its distribution over them is the
+    trained model's with the other ids masked, which is what sampling during training does.
+    """
+    keep = cfg.vocab_size if vocab_size is None else vocab_size
+    if keep > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {keep} pieces but the model {cfg.vocab_size}: export with the run's "
+                        f"own tokenizer.model")
+    trimmed = dict(state)
+    for name in VOCAB_ROWS:
+        if name in trimmed and trimmed[name].shape[0] != keep:
+            trimmed[name] = trimmed[name][:keep].clone()
+    if cfg.tie_embeddings and "lm_head.weight" in trimmed:
+        trimmed["lm_head.weight"] = trimmed["embed.weight"]
+    return trimmed, cfg.replace(vocab_size=keep, vocab_pad_multiple=1)
+
+
+def load_logical_weights(ckpt_dir: str | Path, tag: str = "latest",
+                         vocab_size: int | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
+    """The fp32 weights of checkpoint `tag` as an export holds them, their config, and the checkpoint's meta.
+
+    The one entry point for writing a trained model in any format (`.andy`, Hugging Face): the padded
+    vocabulary rows are gone, and with `vocab_size` (the tokenizer's pieces) so are the rows past it.
+    Keys are `AndyLM.state_dict()`'s; `AndyLM(cfg).load_state_dict(weights)` takes them as they are.
+    """
+    state, meta = load_checkpoint_weights(ckpt_dir, tag)
+    state, cfg = logical_state_dict(state, ModelConfig.from_dict(meta["model_config"]), vocab_size)
+    return state, cfg, meta
 
 
 def _check_keys(state: dict, cfg: ModelConfig, where: Path) -> None:

@@ -20,6 +20,11 @@ prompt + the tokens generated so far.
 Ensemble: several models sharing a tokenizer each keep their own cache; the next token is chosen
 from the mean of their log-probabilities (for one model, from its raw logits, so the repetition
 penalty's sign rule applies to logits as documented in `andy_dist.infer.token_sampling`).
+
+Only ids below `valid_vocab` are ever chosen: the scores are cut to those columns before sampling.
+`generate_text` passes the tokenizer's size, so a model whose vocabulary is larger than its tokenizer
+(trained on a smaller tokenizer's shards) never produces an id the tokenizer cannot decode; the model's
+own padded rows never reach here (`andy_dist.lm_head`).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def _device(model: AndyLM) -> torch.device:
     return model.ln_out.weight.device
 
 
-def _scores(logits: list[torch.Tensor]) -> torch.Tensor:
-    """(B, V) scores from each member's last-position logits (B, V)."""
+def _scores(logits: list[torch.Tensor], valid_vocab: int) -> torch.Tensor:
+    """(B, valid_vocab) scores from each member's last-position logits (B, V): ids past valid_vocab are cut."""
+    logits = [lg[:, :valid_vocab] for lg in logits]
     if len(logits) == 1:
         return logits[0].float()
     return torch.stack([torch.log_softmax(lg.float(), dim=-1) for lg in logits]).mean(0)
@@ -108,11 +114,12 @@ class _Rows:
 @torch.inference_mode()
 def _generate_batch(
     decoders: list[Decoder], prompts: list[list[int]], budgets: list[int], sampling: SamplingConfig,
-    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int],
+    eos_id: int, generator: Optional[torch.Generator], unseen_prefix: list[int], valid_vocab: Optional[int] = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """One left-padded batch: (new tokens per row, whether the row is done) - a row not done ran
     out of cache before its budget and must continue in another round."""
     models = [d.model for d in decoders]
+    valid_vocab = valid_vocab or models[0].cfg.vocab_size
     device, max_len = _device(models[0]), min(m.cfg.max_seq_len for m in models)
     B, P = len(prompts), max(len(p) for p in prompts)
     steps = min(max(budgets), max_len - P)
@@ -131,7 +138,8 @@ def _generate_batch(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per original row, filled in as rows leave
     produced = 0
     for t in range(steps):
-        token = next_token(_scores(logits), sampling, live.seen, generator).masked_fill(live.finished, PAD_ID)
+        scores = _scores(logits, valid_vocab)
+        token = next_token(scores, sampling, live.seen, generator).masked_fill(live.finished, PAD_ID)
         out[live.index, t] = token
         produced = t + 1
         live.finished |= (token == eos_id) | (live.budget <= t + 1)
@@ -164,29 +172,15 @@ def _generate_batch(
     return results, done.tolist()
 
 
-def generate(
-    model: Models,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    eos_id: int = EOS_ID,
-    seed: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    compile: str = "off",
-) -> list[list[int]]:
-    """New tokens for each prompt (token ids, BOS included where wanted), EOS kept where reached.
-
-    model: an AndyLM in eval mode (any dtype, CPU or GPU), or a list of them for an ensemble.
-    seed: makes the run repeatable (the same prompts, batch size and device give the same tokens);
-    None uses torch's global generator. batch_size: prompts per forward pass (default: all).
-    compile: how the decode step runs, "off" (eager), "inductor", "cudagraph" or "auto" (by device);
-    see `andy_dist.infer.decode`. Off by default here, as for the samples shown during training;
-    tools/generate.py defaults to "auto".
-    """
-    models = _as_list(model)
-    decoders = [decoder_for(m, compile) for m in models]
-    max_len = min(m.cfg.max_seq_len for m in models)
-    vocab = models[0].cfg.vocab_size
+def _check_request(model_vocab: int, max_len: int, prompts: list[list[int]], batch_size: Optional[int],
+                   valid_vocab: Optional[int]) -> int:
+    """The ids generation may produce (valid_vocab, else the model's vocabulary), once the request is checked."""
+    vocab = model_vocab
+    if valid_vocab is not None:
+        if not 0 < valid_vocab <= vocab:
+            raise UserError(f"valid_vocab={valid_vocab} must be in 1..{vocab}: a tokenizer with more pieces than "
+                            f"the model's vocabulary ({vocab}) does not belong to it")
+        vocab = valid_vocab
     for i, p in enumerate(prompts):
         if not p:
             raise UserError(f"prompt {i} is empty; start it with BOS (tokenizer.encode(text, bos=True))")
@@ -196,6 +190,34 @@ def generate(
             raise UserError(f"prompt {i} holds token ids outside [0, {vocab})")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    return vocab
+
+
+def generate(
+    model: Models,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_id: int = EOS_ID,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    compile: str = "off",
+    valid_vocab: Optional[int] = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (token ids, BOS included where wanted), EOS kept where reached.
+
+    model: an AndyLM in eval mode (any dtype, CPU or GPU), or a list of them for an ensemble.
+    seed: makes the run repeatable (the same prompts, batch size and device give the same tokens);
+    None uses torch's global generator. batch_size: prompts per forward pass (default: all).
+    compile: how the decode step runs, "off" (eager), "inductor", "cudagraph" or "auto" (by device);
+    see `andy_dist.infer.decode`. Off by default here, as for the samples shown during training;
+    tools/generate.py defaults to "auto".
+    valid_vocab: only ids below it are generated (the tokenizer's size); default the model's vocabulary.
+    """
+    models = _as_list(model)
+    decoders = [decoder_for(m, compile) for m in models]
+    max_len = min(m.cfg.max_seq_len for m in models)
+    vocab = _check_request(models[0].cfg.vocab_size, max_len, prompts, batch_size, valid_vocab)
     results: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0 or not prompts:
         return results
@@ -212,7 +234,7 @@ def generate(
         for start in range(0, len(pending), size):
             batch = pending[start : start + size]
             new, done = _generate_batch(decoders, [b[1] for b in batch], [b[2] for b in batch], sampling,
-                                        eos_id, generator, [b[3] for b in batch])
+                                        eos_id, generator, [b[3] for b in batch], vocab)
             for (i, seq, left, skip), tokens, finished in zip(batch, new, done):
                 results[i].extend(tokens)
                 if not finished and len(tokens) < left and (not tokens or tokens[-1] != eos_id):
@@ -231,7 +253,9 @@ def generate_text(
     batch_size: Optional[int] = None,
     compile: str = "off",
 ) -> list[str]:
-    """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned."""
+    """Text in, text out: each prompt is encoded with BOS, and only the continuation is returned (only ids
+    the tokenizer has are generated)."""
     ids = tokenizer.encode_batch(prompts, bos=True)
-    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size, compile=compile)
+    new = generate(model, ids, max_new_tokens, sampling, seed=seed, batch_size=batch_size, compile=compile,
+                   valid_vocab=tokenizer.vocab_size)
     return [tokenizer.decode(tokens) for tokens in new]

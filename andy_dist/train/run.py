@@ -37,6 +37,7 @@ from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
 from andy_dist.train.init_from import init_model_config, initial_model
 from andy_dist.train.metrics import MetricsLogger
+from andy_dist.train.nonfatal import nonfatal
 from andy_dist.train.samples import TrainingSamples
 from andy_dist.train.settings import TrainConfig, load_train_config
 from andy_dist.train.step import StepRunner
@@ -193,7 +194,10 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
         print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
         return None
     saved = found.meta.get("model_config")
-    if not isinstance(saved, dict) or ModelConfig.from_dict(saved) != plan.model:
+    saved_cfg = ModelConfig.from_dict(saved) if isinstance(saved, dict) else None
+    if saved_cfg is not None and saved_cfg == plan.model.replace(vocab_pad_multiple=saved_cfg.vocab_pad_multiple):
+        plan.model = saved_cfg  # the padded rows are the checkpoint's (none before padding existed), not a choice
+    if saved_cfg != plan.model:
         raise ConfigError(f"checkpoint {found.path} was saved for model {found.meta.get('model_config')}, "
                           f"but this run builds {plan.model.to_dict()}; use the same size and model.* settings")
     if found.meta.get("global_batch_size") != plan.batch.global_batch_size:
@@ -293,7 +297,8 @@ def fit_and_shut_down(trainer: Trainer, plan: RunPlan) -> int:
         ds_engine.shutdown_distributed()
         return stop.exit_code
     finally:
-        trainer.monitor.logger.close()
+        with nonfatal("closing the metrics logger (W&B, metrics.jsonl)"):
+            trainer.monitor.logger.close()
     ds_engine.shutdown_distributed()
     if is_main:
         best = f"{state.best_val_loss:.4f} at step {state.best_step}" if state.best_val_loss is not None else "n/a"

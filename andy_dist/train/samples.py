@@ -1,5 +1,8 @@
 """Text the model writes while it trains: the configured prompts continued by a copy of the model, each
-sample with its quality figures (`andy_dist.train.sample_quality`)."""
+sample with its quality figures (`andy_dist.train.sample_quality`).
+
+A failure here never stops the run: the trainer calls it inside `andy_dist.train.nonfatal.nonfatal`.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ class TrainingSamples:
             self._model = AndyLM(self.model_cfg).to(self.device).eval()
         self._model.load_state_dict(weights)
         prompts = [self.tokenizer.encode(p, bos=True) for p in self.settings.prompts]
+        # Only ids the tokenizer has: the model's vocabulary may be larger than the tokenizer's (trained on a
+        # smaller tokenizer's shards), and decoding an id past it raises.
         outputs = generate(self._model, prompts, max_new_tokens=self.settings.max_new_tokens, sampling=self.sampling,
-                           seed=self.seed + step)
+                           seed=self.seed + step, valid_vocab=self.tokenizer.vocab_size)
         return [{"prompt": p, "completion": self.tokenizer.decode(o), "temperature": self.sampling.temperature,
                  "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
                  **sample_figures(self._model, ids, o)}

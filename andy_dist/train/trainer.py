@@ -20,6 +20,7 @@ from andy_dist.train.checkpoint_format import step_tag
 from andy_dist.train.engine import current_lr, full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
 from andy_dist.train.metrics import memory_gb, validation_metrics
+from andy_dist.train.nonfatal import nonfatal
 from andy_dist.train.sample_quality import summarize
 from andy_dist.train.settings import LoopSettings
 from andy_dist.train.step import StepResult, StepRunner
@@ -194,12 +195,13 @@ class Trainer:
             state.bad_steps_in_row = 0
         self._window.append(result)
         if state.step % self.monitor.log_interval == 0 or state.step == 1:
-            self._log_training()
+            window, self._window = self._window, []
+            with nonfatal("logging the training figures", state.step):
+                self._log_training(window)
         if self.monitor.sample_interval and state.step % self.monitor.sample_interval == 0:
             self._log_samples()
 
-    def _log_training(self) -> None:
-        window, self._window = self._window, []
+    def _log_training(self, window: list[StepResult]) -> None:
         finite = [r.loss for r in window if math.isfinite(r.loss)]
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
@@ -250,10 +252,11 @@ class Trainer:
             state.bad_evals += 1
         state.data = self.data.stream.state_dict()
         text_bytes = self.data.val_text_bytes
-        metrics = validation_metrics(val_loss, int(sums[1].item()), text_bytes, state.best_val_loss, state.bad_evals,
-                                     self.loop.patience) if text_bytes else {
-            "val/loss": val_loss, "val/best_loss": state.best_val_loss, "val/bad_evals": state.bad_evals}
-        self.monitor.logger.log(state.step, metrics)
+        with nonfatal("logging the validation figures", state.step):
+            metrics = validation_metrics(val_loss, int(sums[1].item()), text_bytes, state.best_val_loss,
+                                         state.bad_evals, self.loop.patience) if text_bytes else {
+                "val/loss": val_loss, "val/best_loss": state.best_val_loss, "val/bad_evals": state.bad_evals}
+            self.monitor.logger.log(state.step, metrics)
         if improved:
             ckpt.save_best(engine, self.checkpoints.directory, asdict(state), self.checkpoints.run_meta)
         if state.bad_evals >= self.loop.patience:
@@ -280,10 +283,11 @@ class Trainer:
         self._last_sample_step = self.state.step
         weights = full_state_dict(self.engine)  # every rank takes part in the gather
         if self.dist.is_main:
-            rows = self.monitor.samples(weights, self.state.step)
-            self.monitor.logger.log_samples(self.state.step, rows)
-            if rows:
-                self.monitor.logger.log(self.state.step, summarize(rows))  # samples/*: the round's mean figures
+            with nonfatal("the training samples", self.state.step):
+                rows = self.monitor.samples(weights, self.state.step)
+                self.monitor.logger.log_samples(self.state.step, rows)
+                if rows:
+                    self.monitor.logger.log(self.state.step, summarize(rows))  # samples/*: the round's means
 
     # ------------------------------------------------------------------ checkpoints and signals
     def save(self) -> None:

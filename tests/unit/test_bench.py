@@ -66,3 +66,16 @@ def test_sweep_section(tmp_path):
     assert figures["steps_unpruned"] == 8 and 0 < figures["steps_pruned"] <= 8
     assert 0 < figures["steps_ratio"] <= 1
     assert math.isfinite(figures["best_val_ratio"]) and figures["best_val_ratio"] >= 1.0
+
+
+def test_memory_section(tmp_path):
+    """The chunked loss of the tiny head at 1,024 tokens holds a fraction of what the full fp32 logits hold."""
+    figures = bench(tmp_path, "memory", "--size", "tiny", "--batch", "8", "--seq-len", "128", "--chunks", "128",
+                    "--reps", "1", "--step-sizes", "tiny", "--step-batch", "1", "--step-seq-len", "16",
+                    "--threads", "1")
+    head = figures["head"]
+    assert head["padded_rows"] == 10_112 and head["tokens"] == 1024
+    assert 0 < head["cases"]["chunked_128"]["peak_mb"] < 0.5 * head["cases"]["full"]["peak_mb"]
+    steps = figures["step"]["sizes"]["tiny"]["ms"]
+    assert set(steps) == {"unpadded_full", "unpadded_chunked", "padded_full", "padded_chunked"}
+    assert all(ms > 0 for ms in steps.values())

@@ -105,11 +105,13 @@ def test_loss_ignores_pad_targets_and_counts_tokens():
     targets[0, 6:] = PAD_ID
     out = model(ids, targets=targets)
     assert out.target_tokens.item() == 16  # 6 + 10
+    assert out.logits is None  # the loss is chunked: the logits are never formed whole
+    logits = model(ids).logits
     # Changing the logits' targets at PAD positions to anything else would change the loss; PAD adds nothing.
-    manual = torch.nn.functional.cross_entropy(out.logits[0, :6], targets[0, :6], reduction="sum") + \
-        torch.nn.functional.cross_entropy(out.logits[1], targets[1], reduction="sum")
+    manual = torch.nn.functional.cross_entropy(logits[0, :6], targets[0, :6], reduction="sum") + \
+        torch.nn.functional.cross_entropy(logits[1], targets[1], reduction="sum")
     torch.testing.assert_close(out.loss_sum, manual)
-    loss, count = token_loss(out.logits, torch.full_like(targets, PAD_ID))
+    loss, count = token_loss(logits, torch.full_like(targets, PAD_ID))
     assert loss.item() == 0.0 and count.item() == 0
 
 
