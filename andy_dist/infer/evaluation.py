@@ -32,13 +32,16 @@ def evaluate_models(models: Sequence, batches: Iterable, text_bytes: int) -> dic
     for input_ids, targets, mask in tqdm(batches, desc="evaluate", unit="batch", mininterval=1.0):
         input_ids, targets, mask = input_ids.to(device), targets.to(device), mask.to(device)
         token_logprobs = []
-        for i, model in enumerate(models):
-            out = model(input_ids, targets=targets, attention_mask=mask)
-            member_sums[i] += float(out.loss_sum)
-            if len(models) > 1:
-                logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-                token_logprobs.append(logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0])
         real = targets != PAD_ID
+        for i, model in enumerate(models):
+            if len(models) == 1:  # the model's own loss path (chunked: no full logits)
+                member_sums[i] += float(model(input_ids, targets=targets, attention_mask=mask).loss_sum)
+                continue
+            logits = model(input_ids, attention_mask=mask).logits  # (B, T, V): the ensemble needs them
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            picked = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            member_sums[i] -= float(picked[real].sum())
+            token_logprobs.append(picked)
         count += int(real.sum())
         if token_logprobs:
             mixed = torch.logsumexp(torch.stack(token_logprobs), dim=0) - math.log(len(models))
