@@ -87,7 +87,7 @@ def test_export_tool_writes_a_runnable_int8_file_naming_its_step(checkpoints, tm
         proc = subprocess.run([sys.executable, str(ROOT / "tools/export.py"), "--int8", str(ckpt), "--tag", tag,
                                "-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        assert f"tag {name} step {step}" in proc.stdout
+        assert f"tag {name}, step {step}" in proc.stdout
         model, tokenizer, info = load_model_file(out)
         assert info["source"]["zero_stage"] == 3 and info["source"]["tag"] == name and info["source"]["step"] == step
     state, _ = load_checkpoint_weights(ckpt, "latest")
