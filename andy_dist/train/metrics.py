@@ -50,7 +50,8 @@ METRIC_KEYS: dict[str, str] = {
     "train/global_batch_tokens": "global batch (tokens)",
     "train/padding_fraction": "padding fraction",
     "train/loss_scale": "fp16 loss scale",
-    "train/skipped_steps": "fp16 skipped steps",
+    "train/skipped_steps": "steps skipped for a non-finite loss or gradient",
+    "train/overflow_skips": "steps skipped by fp16 loss scaling (gradient overflow)",
     "train/tokens_seen": "tokens seen",
     "train/epoch": "epoch",
     "sys/memory_gb": "memory in use (GB)",
@@ -63,7 +64,7 @@ METRIC_KEYS: dict[str, str] = {
     "val/bad_evals": "evaluations without improvement",
     "val/patience": "early-stopping patience",
 }
-FP16_KEYS = ("train/loss_scale", "train/skipped_steps")
+FP16_KEYS = ("train/loss_scale",)
 TRAIN_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("val/") and k not in FP16_KEYS)
 VAL_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("val/"))
 NA = "n/a"

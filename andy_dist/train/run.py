@@ -36,6 +36,7 @@ from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_
 from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
+from andy_dist.train.lr_schedule import LrSchedule
 from andy_dist.train.metrics import MetricsLogger
 from andy_dist.train.samples import TrainingSamples
 from andy_dist.train.settings import TrainConfig, load_train_config
@@ -207,9 +208,8 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
 def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, faults: FaultHooks):
     """The model inside the DeepSpeed engine, and the trainer's state (both from the checkpoint on a resume)."""
     cfg = plan.cfg
-    ds_config = ds_engine.resolve_ds_config(plan.ds, cfg.optim, cfg.schedule, plan.batch,
-                                            cfg.schedule.lr_decay_steps or data.total_steps, plan.precision,
-                                            plan.zero_stage, load_universal=resume is not None and resume.universal)
+    ds_config = ds_engine.resolve_ds_config(plan.ds, cfg.optim, plan.batch, plan.precision, plan.zero_stage,
+                                            load_universal=resume is not None and resume.universal)
     torch.manual_seed(cfg.seed)
     model = AndyLM(plan.model, activation_checkpointing=plan.activation_checkpointing)
     faults.install(model)
@@ -260,7 +260,10 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
                       sample_interval=cfg.samples.interval, stall_report_s=cfg.engine.stall_report_s,
                       on_evaluation=trial_evaluation_hook(dist.is_main))
-    step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed)
+    schedule = LrSchedule(cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.lr_decay_steps or data.total_steps,
+                          cfg.schedule.min_lr_ratio)
+    step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed, lr_schedule=schedule,
+                      max_grad_norm=cfg.optim.grad_clip)
     trainer_data = TrainData(data.stream, lambda: data.val_stream(plan), data.total_steps,
                              val_text_bytes=data.shards.text_bytes("val"))
     trainer = Trainer(step, trainer_data, cfg.loop, monitor, Checkpoints(ckpt_dir, run_meta), state=state,

@@ -17,7 +17,7 @@ import torch
 
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train.checkpoint_format import step_tag
-from andy_dist.train.engine import current_lr, full_state_dict
+from andy_dist.train.engine import full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
 from andy_dist.train.metrics import Throughput, memory_gb, validation_metrics
 from andy_dist.train.settings import LoopSettings
@@ -51,6 +51,7 @@ class TrainState:
     bad_evals: int = 0
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
+    overflow_skips: int = 0  # steps DeepSpeed's fp16 loss scaler skipped (finite loss, overflowing gradient)
     early_stopped: bool = False
     wandb_run_id: str | None = None
     data: dict = field(default_factory=dict)
@@ -151,6 +152,7 @@ class Trainer:
         state.step += 1
         state.tokens_seen += result.input_tokens
         state.data = self.data.stream.state_dict()
+        state.overflow_skips += int(result.overflow)
         if result.skipped:
             state.skipped_steps += 1
             state.bad_steps_in_row += 1
@@ -177,8 +179,8 @@ class Trainer:
         meter = self.monitor.mfu_meter
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/lr": current_lr(self.engine),
-            "train/grad_norm": _grad_norm(self.engine),
+            "train/lr": window[-1].lr,  # the rate the last step trained at
+            "train/grad_norm": window[-1].grad_norm,  # its global norm before clipping
             "train/tokens_per_s": tokens_per_s,
             "train/tokens_per_s_per_rank": tokens_per_s / self.dist.world_size,
             "train/mfu": (meter(tokens_per_s / self.dist.world_size) if meter else None) or "n/a",
@@ -194,8 +196,10 @@ class Trainer:
         }
         if self.device.type == "cuda":
             metrics["sys/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.step.precision == "fp16" or self.state.skipped_steps:
-            metrics["train/skipped_steps"] = self.state.skipped_steps
+        # Steps skipped for a non-finite loss or gradient (the run stops after max_bad_steps in a row), and apart
+        # from them the steps DeepSpeed's fp16 loss scaler skipped for an overflow (kept in its checkpoints).
+        metrics["train/skipped_steps"] = self.state.skipped_steps
+        metrics["train/overflow_skips"] = self.state.overflow_skips
         if self.step.precision == "fp16":
             metrics["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         self.monitor.logger.log(self.state.step, metrics)
@@ -269,11 +273,4 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._preempted = True
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
