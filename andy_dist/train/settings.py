@@ -32,7 +32,8 @@ class ScheduleSettings:
     """The learning-rate schedule: linear warmup, then cosine decay."""
 
     warmup_steps: int = 1000
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup over this many optimizer steps: step k of it trains at lr * k / warmup_steps (so the first
+    step already learns); 0: no warmup, the cosine starts at step 1."""
     lr_decay_steps: int | None = None
     """Length of the schedule (warmup + cosine); default max_steps, else max_epochs x steps per epoch.
     Set it when a run will be extended or stopped early, so the schedule does not depend on where it stops."""
@@ -186,7 +187,7 @@ class TrainConfig:
             if value is None or value < 1e-12:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if s.warmup_steps is None or s.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be positive, got {s.warmup_steps!r}")
+            raise ConfigError(f"warmup_steps must be 0 or more, got {s.warmup_steps!r}")
         optional = {"max_steps": lp.max_steps, "lr_decay_steps": s.lr_decay_steps,
                     "micro_batch_size": d.micro_batch_size, "global_batch_size": d.global_batch_size,
                     "eval_interval": lp.eval_interval, "sample_interval": self.samples.interval,

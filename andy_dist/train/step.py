@@ -19,7 +19,8 @@
     a clipping divisor (`grad_scale` = max(1, norm / max_norm)) and a skip flag (`found_inf`: the loss
     or the norm of the step is not finite on some rank). A skipped step leaves weights and moments as
     they were, on every rank, without the host deciding anything. fp16 and ZeRO-3 keep DeepSpeed's
-    own clipping and overflow checks; DeepSpeed's loss-scale skips are counted apart (`overflow`).
+    own clipping and overflow checks. A skipped step (`skipped`: non-finite loss or gradient) counts
+    towards max_bad_steps; a skip of fp16 loss scaling with a finite loss (`overflow`) is counted apart.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StepResult:
     seconds: float
     lr: float = float("nan")  # the learning rate the step trained at
     grad_norm: float = float("nan")  # global gradient norm before clipping
-    overflow: bool = False  # DeepSpeed skipped the step for an overflowing gradient, its loss being finite
+    overflow: bool = False  # fp16: DeepSpeed's loss scaler skipped the step (gradient overflow, finite loss)
 
 
 @dataclass
@@ -110,28 +111,34 @@ class StepRunner:
     def apply(self, pending: PendingStep, step: int | None = None) -> StepResult:
         """The last micro-step, where the optimizer steps at the learning rate of `step`; then the step's one
         read-back. A skipped step leaves the weights and moments as they were."""
-        lr = self.lr_schedule(step) if self.lr_schedule is not None and step is not None else None
-        if lr is not None:
+        lr = self.lr_schedule(step) if self.lr_schedule is not None and step is not None else float("nan")
+        if math.isfinite(lr):
             ds_engine.set_learning_rate(self.engine, lr)
         norm = self.guard.prepare(pending.loss_sum) if self.guard is not None else None
         skipped_before = ds_engine.deepspeed_skipped_steps(self.engine)
         self.engine.step()
         if norm is None:
-            norm = ds_engine.deepspeed_grad_norm(self.engine)
+            norm = ds_engine.deepspeed_grad_norm(self.engine)  # float, tensor or None (not computed)
         figures = [pending.loss_sum[None], pending.counts]
         if isinstance(norm, torch.Tensor):
             figures.append(norm.detach().reshape(1).to(device=pending.counts.device, dtype=torch.float64))
         values = torch.cat(figures).cpu().tolist()  # the step's one read-back
         loss, inputs, padded, positions, preempt, targets = values[:6]
         grad_norm = values[6] if len(values) > 6 else (float("nan") if norm is None else float(norm))
-        overflow = ds_engine.deepspeed_skipped_steps(self.engine) > skipped_before
-        # A non-finite loss or (where the runner guards) gradient: skipped, and counted towards max_bad_steps. An
-        # overflow of fp16 loss scaling with a finite loss is DeepSpeed's routine, counted apart.
-        skipped = not math.isfinite(loss) or (self.guard is not None and not math.isfinite(grad_norm))
+        skipped, overflow = self._verdict(loss, grad_norm if norm is not None else 0.0,
+                                          ds_engine.deepspeed_skipped_steps(self.engine) > skipped_before)
         return StepResult(loss=loss / max(targets, 1.0), target_tokens=int(targets), input_tokens=int(inputs),
                           padded_positions=int(padded), total_positions=int(positions), skipped=skipped,
-                          preempt=preempt > 0, seconds=0.0, lr=lr if lr is not None else float("nan"),
-                          grad_norm=grad_norm, overflow=overflow and math.isfinite(loss))
+                          preempt=preempt > 0, seconds=0.0, lr=lr, grad_norm=grad_norm, overflow=overflow)
+
+    def _verdict(self, loss: float, grad_norm: float, deepspeed_skipped: bool) -> tuple[bool, bool]:
+        """(skipped, overflow) of a step: see the module doc."""
+        if self.precision == "fp16":
+            # An overflow with a finite loss is fp16 loss scaling at work (it lowers the scale): counted apart,
+            # not towards max_bad_steps.
+            return not math.isfinite(loss), deepspeed_skipped and math.isfinite(loss)
+        # Without loss scaling a non-finite loss or gradient is a bad step, whoever skipped it.
+        return not math.isfinite(loss) or not math.isfinite(grad_norm) or deepspeed_skipped, False
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, returned on the CPU."""
