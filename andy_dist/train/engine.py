@@ -31,7 +31,7 @@ RUN_OWNED_SECTIONS = ("optimizer", "scheduler")
 
 
 def load_ds_config(path: str | Path) -> tuple[dict, dict]:
-    """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing), split apart."""
+    """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing, compile), split apart."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
@@ -46,9 +46,12 @@ def load_ds_config(path: str | Path) -> tuple[dict, dict]:
     if owned:
         raise ConfigError(f"{path} sets {owned}: the optimizer (AdamW) and LR schedule come from the run's "
                           f"config (lr, warmup_steps, weight_decay, betas, min_lr_ratio); remove them from the JSON")
-    unknown = sorted(set(andy) - {"size", "activation_checkpointing"})
+    unknown = sorted(set(andy) - {"size", "activation_checkpointing", "compile"})
     if unknown:
         raise ConfigError(f"{path}: unknown keys in the \"andy\" section: {unknown}")
+    flags = [key for key in ("activation_checkpointing", "compile") if not isinstance(andy.get(key, False), bool)]
+    if flags:
+        raise ConfigError(f"{path}: \"andy\": {flags} must be true or false")
     return ds, andy
 
 

@@ -82,6 +82,7 @@ class RunPlan:
     ds: dict
     device: str
     requested_micro: int
+    compile: bool = False
 
     def describe(self) -> str:
         d, b = self.dist, self.batch
@@ -92,7 +93,8 @@ class RunPlan:
             f"model           {self.size}: vocab {self.model.vocab_size}, d {self.model.d_model}, "
             f"{self.model.n_heads} heads, {self.model.n_layers} layers, activation checkpointing "
             f"{'on' if self.activation_checkpointing else 'off'}",
-            f"precision       {self.precision}, ZeRO stage {self.zero_stage}",
+            f"precision       {self.precision}, ZeRO stage {self.zero_stage}, torch.compile "
+            f"{'on' if self.compile else 'off'}",
             f"micro-batch     {b.micro_batch_size} sequences per rank"
             + (f" (lowered from {self.requested_micro} so the global batch fits the range)"
                if self.requested_micro != b.micro_batch_size else ""),
@@ -123,8 +125,9 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
+    compiled = engine_cfg.compile if engine_cfg.compile is not None else bool(andy.get("compile", False))
     return RunPlan(dist, cfg, size, model_config(size, **cfg.model), batch, precision, zero_stage, checkpointing, ds,
-                   device, micro)
+                   device, micro, compiled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +217,8 @@ def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, fault
     model = AndyLM(plan.model, activation_checkpointing=plan.activation_checkpointing)
     faults.install(model)
     engine = ds_engine.build_engine(model, ds_config, cfg.optim.weight_decay)
+    if plan.compile:
+        ds_engine.compile_model(engine)
     if resume is None:
         return engine, TrainState(), ds_config
     ckpt.load(engine, resume.checkpoint, resume.load_tag)

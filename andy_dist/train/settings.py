@@ -94,6 +94,10 @@ class EngineSettings:
     """ZeRO stage 0-3; default from the ds_config."""
     activation_checkpointing: bool | None = None
     """Recompute block activations in backward; default from the ds_config's "andy" section."""
+    compile: bool | None = None
+    """torch.compile the model inside the engine (Inductor; works with ZeRO 0-3 and activation checkpointing);
+    default from the ds_config's "andy" section, off in every shipped one until measured on a GPU
+    (scripts/gpu_checks.sh). The first step pays the compilation; docs/performance.md has the figures."""
     memory_cap_gb: float | None = None
     """Cap this process's CUDA memory (e.g. 8 to prove a config fits an 8 GB card on a bigger one)."""
     dist_timeout_s: int = 600
