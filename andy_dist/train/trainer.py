@@ -196,8 +196,9 @@ class Trainer:
         }
         if self.device.type == "cuda":
             metrics["sys/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            metrics["sys/peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30  # cache included
         # Steps skipped for a non-finite loss or gradient (the run stops after max_bad_steps in a row), and apart
-        # from them the steps DeepSpeed's fp16 loss scaler skipped for an overflow (kept in its checkpoints).
+        # from them the steps fp16 loss scaling skipped for an overflow.
         metrics["train/skipped_steps"] = self.state.skipped_steps
         metrics["train/overflow_skips"] = self.state.overflow_skips
         if self.step.precision == "fp16":

@@ -5,9 +5,11 @@
 
 One rank on this machine (one thread on CPU), the project's StepRunner through DeepSpeed with the ds_config
 a run resolves for --stage and --precision, same model, same batches, both sides in this run:
-  eager_tokens_s       optimizer steps of the eager model, timed after --warmup steps
+  eager_tokens_s       optimizer steps of the eager model, timed after --warmup steps (on CPU: this process's
+                       CPU time, so that other processes' load does not count; on CUDA: wall time)
   compiled_tokens_s    the same with `compile=true` (andy_dist.train.engine.compile_model); the warm-up
                        steps include compilation, reported apart as compile_s
+The two sides take their timed steps in turns.
   compiled_over_eager  the ratio (1.0: compile buys nothing)
 """
 
@@ -39,7 +41,7 @@ def _batches(vocab: int, args):
                      for _ in range(args.batch)], args.seq_len, list(range(args.batch))) for _ in range(4)]
 
 
-def _side(compiled: bool, args, dist, device) -> dict:
+def _runner(compiled: bool, args, dist, device):
     from andy_dist.config import BatchPlan, model_config
     from andy_dist.model import AndyLM
     from andy_dist.train import engine as ds_engine
@@ -56,19 +58,15 @@ def _side(compiled: bool, args, dist, device) -> dict:
                                     optim.weight_decay)
     if compiled:
         ds_engine.compile_model(engine)
-    runner = StepRunner(engine, dist, device, args.precision, args.stage, max_grad_norm=optim.grad_clip)
-    batches = _batches(cfg.vocab_size, args)
-    start = time.perf_counter()
-    for step in range(1, args.warmup + 1):
-        runner(step, [batches[step % len(batches)]])
+    return StepRunner(engine, dist, device, args.precision, args.stage, max_grad_norm=optim.grad_clip), cfg
+
+
+def _timed(runner, step: int, batch, device) -> tuple[float, float, int]:
+    """(CPU seconds of this process, wall seconds, tokens) of one optimizer step."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    tokens = runner(step, [batch]).input_tokens
     _sync(device)
-    warmup_s = time.perf_counter() - start
-    tokens, start = 0, time.perf_counter()
-    for step in range(args.warmup + 1, args.warmup + args.steps + 1):
-        tokens += runner(step, [batches[step % len(batches)]]).input_tokens
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return {"tokens_s": tokens / elapsed, "warmup_s": warmup_s, "step_ms": 1000 * elapsed / args.steps}
+    return time.process_time() - cpu, time.perf_counter() - wall, tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -85,8 +83,24 @@ def run(args) -> dict:
         torch.set_num_threads(1)
     dist = detect()
     device = init_distributed(dist)
-    eager = _side(False, args, dist, device)
-    compiled = _side(True, args, dist, device)
+    sides = {"eager": _runner(False, args, dist, device), "compiled": _runner(True, args, dist, device)}
+    batches = _batches(sides["eager"][1].vocab_size, args)
+    warmup_s = {}
+    for name, (runner, _) in sides.items():
+        start = time.perf_counter()
+        for step in range(1, args.warmup + 1):
+            runner(step, [batches[step % len(batches)]])
+        warmup_s[name] = time.perf_counter() - start
+    # Timed in turns, a step of each side per round, so that load from other processes falls on both alike;
+    # on CPU the figure is this process's CPU time (other processes on the machine do not count).
+    spent = {name: [0.0, 0.0, 0] for name in sides}
+    for step in range(args.warmup + 1, args.warmup + args.steps + 1):
+        for name, (runner, _) in sides.items():
+            cpu, wall, tokens = _timed(runner, step, batches[step % len(batches)], device)
+            spent[name] = [spent[name][0] + cpu, spent[name][1] + wall, spent[name][2] + tokens]
+    clock = 0 if device.type == "cpu" else 1
+    eager, compiled = ({"tokens_s": spent[n][2] / spent[n][clock], "step_ms": 1000 * spent[n][clock] / args.steps,
+                        "warmup_s": warmup_s[n]} for n in ("eager", "compiled"))
     return {"setup": f"{args.size}, {args.precision}, ZeRO-{args.stage}, {args.batch} x {args.seq_len} tokens, "
                      f"one rank on {device.type}" + (", 1 thread" if device.type == "cpu" else "")
                      + (", activation checkpointing" if args.activation_checkpointing else ""),

@@ -14,6 +14,7 @@ For each: compute ops per step (ATen ops that launch a kernel on a GPU), host sy
 reads + synchronizes, DeepSpeed's CPU accelerator answering as CUDA's: andy_dist.train.overhead), where
 they come from (--attribute: compute ops by the innermost DeepSpeed / project function), and the median
 host time of a step (timed without the counter). Ratios are engine / plain, measured in the same run.
+adamw_step_ms_tiny: one AdamW step of the tiny model with torch's fused, foreach and for-loop kernels.
 tests/unit/train/test_overhead.py runs this section and holds the budgets (1 sync per step, 1.25x ops).
 """
 
@@ -147,6 +148,28 @@ class Side:
         return figures
 
 
+def adamw_step_ms(steps: int = 20) -> dict:
+    """One AdamW step over the tiny model's parameters (2.96M, 28 tensors) with each of torch's
+    implementations, on this machine: which is fastest decides resolve_ds_config's choice."""
+    from andy_dist.config import model_config
+    from andy_dist.model import AndyLM
+
+    figures = {}
+    for name, options in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("for_loop", {"foreach": False})):
+        torch.manual_seed(0)
+        params = list(AndyLM(model_config("tiny")).parameters())
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **options)
+        for _ in range(3):
+            optimizer.step()
+        start = time.process_time()
+        for _ in range(steps):
+            optimizer.step()
+        figures[name] = round(1000 * (time.process_time() - start) / steps, 2)
+    return figures
+
+
 def _single_rank_environment() -> None:
     with socket.socket() as sock:  # a free port for the one-rank process group
         sock.bind(("127.0.0.1", 0))
@@ -184,7 +207,8 @@ def run(args) -> dict:
                      f"{args.precision}, one rank, 1 thread, ds_config {Path(args.ds_config).name}"
                      + (", compiled" if args.compile else ""),
             "torch": torch.__version__, "deepspeed": _deepspeed_version(),
-            **{side.name: side.summary(None if side is plain else plain) for side in sides}}
+            **{side.name: side.summary(None if side is plain else plain) for side in sides},
+            "adamw_step_ms_tiny": adamw_step_ms()}
 
 
 def _deepspeed_version() -> str:
