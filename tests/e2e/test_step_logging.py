@@ -52,3 +52,14 @@ def test_gradient_norm_and_skip_counters_are_logged_every_step(run):
     logged = [m for m in metrics(run) if "train/loss" in m]
     assert all(math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0 for m in logged)
     assert all(m["train/skipped_steps"] == 0 and m["train/overflow_skips"] == 0 for m in logged)
+
+
+def test_a_run_without_warmup_starts_at_the_peak_of_its_cosine(train_shards, tokenizer_path, tmp_path):
+    """warmup_steps=0 is a schedule like any other (DeepSpeed's scheduler used to die on it with a traceback)."""
+    out = tmp_path / "run"
+    train("python", ["--ds_config", "ds_configs/tiny.json", "--data", train_shards, "--tokenizer", tokenizer_path,
+                     "--out", out, "--max-steps", 3, "model.vocab_size=2000", f"lr={PEAK}", "warmup_steps=0",
+                     "lr_decay_steps=20", "min_lr_ratio=0", "micro_batch_size=8", "global_batch_size=32",
+                     "log_interval=1", "eval_interval=1000", "sample_prompts=[]", "--wandb", "disabled"], nproc=1)
+    rates = [m["train/lr"] for m in metrics(out) if "train/loss" in m]
+    assert rates == pytest.approx([PEAK * (1 + math.cos(math.pi * k / 20)) / 2 for k in (1, 2, 3)], rel=1e-9)
