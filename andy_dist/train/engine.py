@@ -234,7 +234,8 @@ def local_gradients(engine) -> tuple[list[torch.Tensor], bool]:
         return [p.grad for p in engine.module.parameters() if p.grad is not None], False
     if stage in (1, 2):
         held = engine.optimizer.averaged_gradients  # DeepSpeed fills it at the accumulation boundary
-        return [g for group in held.values() if group is not None for g in group if g is not None], True
+        return [g for group in held.values() if group is not None for g in group
+                if g is not None and not getattr(g, "_zero_padding", False)], True  # padding: as DeepSpeed's norm
     raise ValueError(f"ZeRO-{stage}: DeepSpeed clips and checks the gradient itself (see step_runner_guards)")
 
 

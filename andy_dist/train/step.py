@@ -163,15 +163,16 @@ class DeviceGuard:
 
     def __init__(self, engine, device: torch.device, max_grad_norm: float, world_size: int):
         self.engine, self.max_grad_norm, self.world_size = engine, max_grad_norm, world_size
-        optimizer = ds_engine.base_optimizer(engine)
-        if not optimizer.defaults.get("fused"):
+        if not ds_engine.base_optimizer(engine).defaults.get("fused"):
             raise ValueError("the step runner's clipping needs torch's fused AdamW (resolve_ds_config sets it)")
         self.grad_scale = torch.ones((), dtype=torch.float32, device=device)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        optimizer.grad_scale, optimizer.found_inf = self.grad_scale, self.found_inf
 
     def prepare(self, global_loss: torch.Tensor) -> torch.Tensor:
         """The step's global gradient norm (before clipping), with the divisor and skip flag set from it."""
+        optimizer = ds_engine.base_optimizer(self.engine)
+        if getattr(optimizer, "found_inf", None) is not self.found_inf:  # first step, or a new optimizer object
+            optimizer.grad_scale, optimizer.found_inf = self.grad_scale, self.found_inf
         grads, partitioned = ds_engine.local_gradients(self.engine)
         device = self.grad_scale.device
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else [torch.zeros((), device=device)]

@@ -46,7 +46,7 @@ def train_values(step: int, mfu=0.31) -> dict:
         "train/tokens_per_s": 2000.0, "train/tokens_per_s_per_rank": 1000.0, "train/mfu": mfu,
         "train/global_batch_seqs": 32, "train/global_batch_tokens": 4096, "train/padding_fraction": 0.1,
         "train/tokens_seen": 4096 * step, "train/epoch": 0, "sys/memory_gb": memory_gb(),
-        "time/elapsed_s": 1.0 * step, "time/eta_s": 10.0 - step,
+        "time/elapsed_s": 1.0 * step, "time/eta_s": 10.0 - step, "train/skipped_steps": 0, "train/overflow_skips": 0,
     }
 
 
@@ -253,7 +253,7 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
             "train/global_batch_tokens": int(figures[1].item()), "train/padding_fraction": 0.0,
             "train/tokens_seen": throughput.tokens_seen * world, "train/epoch": 0,
             "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": throughput.elapsed_s,
-            "time/eta_s": throughput.eta_s(step),
+            "time/eta_s": throughput.eta_s(step), "train/skipped_steps": 0, "train/overflow_skips": 0,
         })
     log.close()
     dist.barrier()
