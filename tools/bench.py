@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
-    python tools/bench.py SECTION [options]      # sections: data, generate, mfu, sweep, train
+    python tools/bench.py SECTION [options]   # compile, data, engine, generate, mfu, overhead, sweep, train
     python tools/bench.py SECTION --help
 
 Each section lives in tools/benchmarks/SECTION.py and exposes `add_arguments(parser)` and

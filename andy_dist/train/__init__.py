@@ -2,6 +2,9 @@
 
     run                 command line -> a checked plan -> engine, data, resume point -> Trainer.fit
     trainer             the training loop: steps, evaluation, checkpoints, early stopping, signals
+    step                one optimizer step: loss normalisation, the learning rate, clipping and skipping on the
+                        device, one read-back to the host
+    lr_schedule         the learning rate of step k in closed form (linear warmup, cosine)
     engine              the DeepSpeed engine and the process group (DeepSpeed is imported inside its functions)
     checkpoint          saving and resuming through the engine (atomic tags, rotation, universal conversion)
     checkpoint_format   the checkpoint on disk: meta and its version rule, `latest`, tags, safe file loading
@@ -13,6 +16,7 @@
     samples             text the model writes while it trains, and its quality figures (sample_quality)
     watchdog            stack dumps of a stalled rank
     linelog             an append-only line file that survives a full disk (metrics, samples)
+    overhead            ops and host syncs of a step, counted on CPU as a GPU pays them (benchmarks, tests)
 
 Names below are importable from the package (`from andy_dist.train import Trainer`), loaded on first
 use: importing the package imports neither DeepSpeed nor the engine.

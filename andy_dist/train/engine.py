@@ -23,7 +23,7 @@ import torch
 from andy_dist.cli import mark_distributed_process
 from andy_dist.config import PRECISIONS, SIZES, BatchPlan, ConfigError
 from andy_dist.train.distenv import DistEnv, accelerator, export
-from andy_dist.train.settings import OptimSettings, ScheduleSettings
+from andy_dist.train.settings import OptimSettings
 
 # Keys of a ds_config that the run sets itself; a ds_config that sets them differently would be
 # silently overridden, so it is refused instead.
@@ -31,7 +31,7 @@ RUN_OWNED_SECTIONS = ("optimizer", "scheduler")
 
 
 def load_ds_config(path: str | Path) -> tuple[dict, dict]:
-    """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing), split apart."""
+    """The DeepSpeed dict and our own "andy" section (size, activation_checkpointing, compile), split apart."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ds_config {path} does not exist; see ds_configs/ for examples")
@@ -46,9 +46,12 @@ def load_ds_config(path: str | Path) -> tuple[dict, dict]:
     if owned:
         raise ConfigError(f"{path} sets {owned}: the optimizer (AdamW) and LR schedule come from the run's "
                           f"config (lr, warmup_steps, weight_decay, betas, min_lr_ratio); remove them from the JSON")
-    unknown = sorted(set(andy) - {"size", "activation_checkpointing"})
+    unknown = sorted(set(andy) - {"size", "activation_checkpointing", "compile"})
     if unknown:
         raise ConfigError(f"{path}: unknown keys in the \"andy\" section: {unknown}")
+    flags = [key for key in ("activation_checkpointing", "compile") if not isinstance(andy.get(key, False), bool)]
+    if flags:
+        raise ConfigError(f"{path}: \"andy\": {flags} must be true or false")
     return ds, andy
 
 
@@ -69,35 +72,56 @@ def ds_precision(ds: dict) -> str:
     return "fp32"
 
 
-def resolve_ds_config(ds: dict, optim: OptimSettings, schedule: ScheduleSettings, plan: BatchPlan, total_steps: int,
-                      precision: str, zero_stage: int, load_universal: bool = False) -> dict:
-    """The full DeepSpeed config for this run: the JSON's settings plus everything the run decides."""
+def step_runner_guards(precision: str, zero_stage: int) -> bool:
+    """Whether the step runner, not DeepSpeed, clips the gradient and skips non-finite steps (`andy_dist.train.step`).
+
+    fp32 and bf16 on ZeRO 0-2: the runner does both on the device, so a step needs no read-back of its own
+    (DeepSpeed's checks read every gradient's finiteness or the norm back to the host: 84 reads per step on
+    ZeRO-0 bf16, 2 on ZeRO-2; docs/performance.md). fp16 keeps DeepSpeed's dynamic loss scaler, which must see
+    each overflow, and ZeRO-3 keeps DeepSpeed's own clipping of its partitioned parameters.
+    """
+    return precision != "fp16" and zero_stage <= 2
+
+
+def resolve_ds_config(ds: dict, optim: OptimSettings, plan: BatchPlan, precision: str, zero_stage: int,
+                      load_universal: bool = False) -> dict:
+    """The full DeepSpeed config for this run: the JSON's settings plus everything the run decides.
+
+    The learning rate is set by the step runner before each step (`andy_dist.train.lr_schedule`), so
+    DeepSpeed gets no scheduler.
+    """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     merged = copy.deepcopy(ds)
     merged["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     merged["gradient_accumulation_steps"] = plan.grad_accum
     merged["train_batch_size"] = plan.global_batch_size
-    merged["gradient_clipping"] = optim.grad_clip
-    merged["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    guarded = step_runner_guards(precision, zero_stage)
+    merged["gradient_clipping"] = 0.0 if guarded else optim.grad_clip
+    bf16 = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    if precision == "bf16" and zero_stage == 0:
+        # Without ZeRO, bf16 is torch.autocast over fp32 weights (the plain loop's AMP): DeepSpeed's bf16
+        # wrapper would cast, scale and check every parameter one by one (2,004 ops per step against 707).
+        bf16["enabled"] = False
+        merged["torch_autocast"] = {**ds.get("torch_autocast", {}), "enabled": True, "dtype": "bfloat16"}
+    if guarded:
+        bf16["check_grad_overflow"] = False  # the runner's own check, on the device (see step_runner_guards)
+    merged["bf16"] = bf16
     fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
             "min_loss_scale": 1}  # loss_scale 0 = dynamic loss scaling
     merged["fp16"] = {**fp16, **ds.get("fp16", {}), "enabled": precision == "fp16"}
-    merged["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": zero_stage}
+    zero = {**ds.get("zero_optimization", {}), "stage": zero_stage}
+    if guarded and zero_stage in (1, 2):
+        zero["compute_grad_norm"] = False  # the runner computes the norm: 2 ops per group, not 2 per tensor
+    merged["zero_optimization"] = zero
     merged["optimizer"] = {
         "type": "AdamW",
         "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8, "weight_decay": optim.weight_decay,
-                   # torch's AdamW (fused kernel on CUDA): DeepSpeed's FusedAdam would be JIT-compiled with
+                   # torch's fused AdamW, on CUDA and on CPU alike: the fastest AdamW on both (CPU, tiny: 5.7 ms
+                   # per step against 14.5 for-loop and 23 foreach), and the only one that takes the runner's
+                   # device-side clipping factor and skip flag. DeepSpeed's FusedAdam would be JIT-compiled with
                    # nvcc at the first launch (minutes, and a CUDA toolkit on every node) for no speed gain.
-                   "torch_adam": True, "fused": accelerator() == "cuda"},
-    }
-    merged["scheduler"] = {
-        "type": "WarmupCosineLR",
-        "params": {"total_num_steps": max(total_steps, schedule.warmup_steps + 1),
-                   "warmup_num_steps": schedule.warmup_steps, "warmup_min_ratio": 0.0,
-                   "cos_min_ratio": schedule.min_lr_ratio,
-                   # DeepSpeed warms up logarithmically by default; the specification asks for linear.
-                   "warmup_type": "linear"},
+                   "torch_adam": True, "fused": True},
     }
     merged.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
     merged.setdefault("wall_clock_breakdown", False)
@@ -156,6 +180,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, weight_decay: float):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, weight_decay), config=ds_config)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # Alone there is nothing to average, yet DeepSpeed would flatten, all-reduce and copy back every
+        # gradient after each backward (79 ops per step of the medium model's 76 tensors; docs/performance.md).
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -178,5 +206,45 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
         return {name: tensor.detach().float().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
-def current_lr(engine) -> float:
-    return float(engine.get_lr()[0])
+def compile_model(engine) -> None:
+    """torch.compile the model inside the engine, in place (`nn.Module.compile` through `engine.compile()`):
+    parameter names, hooks and checkpoints stay those of the eager model."""
+    engine.compile()
+
+
+# What the step runner reads from or sets on the engine between backward and step (andy_dist.train.step).
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW inside DeepSpeed's wrappers (ZeRO's optimizer steps it once per parameter group)."""
+    return engine.basic_optimizer
+
+
+def local_gradients(engine) -> tuple[list[torch.Tensor], bool]:
+    """This rank's gradients after the last backward of a step and before `step()`, already averaged over
+    ranks, and whether they are a partition (ZeRO 1-2: each rank holds a slice; the squares of the slices
+    sum over ranks to the whole gradient's) or whole (ZeRO-0: every rank holds all of it)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        return [p.grad for p in engine.module.parameters() if p.grad is not None], False
+    if stage in (1, 2):
+        held = engine.optimizer.averaged_gradients  # DeepSpeed fills it at the accumulation boundary
+        return [g for group in held.values() if group is not None for g in group
+                if g is not None and not getattr(g, "_zero_padding", False)], True  # padding: as DeepSpeed's norm
+    raise ValueError(f"ZeRO-{stage}: DeepSpeed clips and checks the gradient itself (see step_runner_guards)")
+
+
+def deepspeed_grad_norm(engine):
+    """The pre-clipping global norm DeepSpeed computed in the last step (ZeRO-3, fp16): a float, a tensor
+    still on the device, or None."""
+    return engine.get_global_grad_norm()
+
+
+def deepspeed_skipped_steps(engine) -> int:
+    """Steps DeepSpeed itself skipped (fp16 loss-scale overflows); kept in its checkpoints."""
+    return int(engine.skipped_steps)

@@ -52,7 +52,8 @@ METRIC_KEYS: dict[str, str] = {
     "train/global_batch_tokens": "global batch (tokens)",
     "train/padding_fraction": "padding fraction",
     "train/loss_scale": "fp16 loss scale",
-    "train/skipped_steps": "fp16 skipped steps",
+    "train/skipped_steps": "steps skipped for a non-finite loss or gradient",
+    "train/overflow_skips": "steps skipped by fp16 loss scaling (gradient overflow)",
     "train/tokens_seen": "tokens seen",
     "train/epoch": "epoch",
     "sys/memory_gb": "memory in use (GB)",
@@ -71,7 +72,7 @@ METRIC_KEYS: dict[str, str] = {
     "samples/eos_fraction": "training samples: share that ended with EOS",
     "samples/length": "training samples: generated tokens (EOS excluded)",
 }
-FP16_KEYS = ("train/loss_scale", "train/skipped_steps")
+FP16_KEYS = ("train/loss_scale",)
 VAL_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("val/"))
 SAMPLE_KEYS = tuple(k for k in METRIC_KEYS if k.startswith("samples/"))
 TRAIN_KEYS = tuple(k for k in METRIC_KEYS if k not in VAL_KEYS + SAMPLE_KEYS + FP16_KEYS)

@@ -36,6 +36,7 @@ from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.faults import FaultHooks
 from andy_dist.train.flops import MfuMeter
 from andy_dist.train.init_from import init_model_config, initial_model
+from andy_dist.train.lr_schedule import LrSchedule
 from andy_dist.train.metrics import MetricsLogger
 from andy_dist.train.nonfatal import nonfatal
 from andy_dist.train.samples import TrainingSamples
@@ -82,6 +83,7 @@ class RunPlan:
     ds: dict
     device: str
     requested_micro: int
+    compile: bool = False
 
     def describe(self) -> str:
         d, b = self.dist, self.batch
@@ -92,7 +94,8 @@ class RunPlan:
             f"model           {self.size}: vocab {self.model.vocab_size}, d {self.model.d_model}, "
             f"{self.model.n_heads} heads, {self.model.n_layers} layers, activation checkpointing "
             f"{'on' if self.activation_checkpointing else 'off'}",
-            f"precision       {self.precision}, ZeRO stage {self.zero_stage}",
+            f"precision       {self.precision}, ZeRO stage {self.zero_stage}, torch.compile "
+            f"{'on' if self.compile else 'off'}",
             f"micro-batch     {b.micro_batch_size} sequences per rank"
             + (f" (lowered from {self.requested_micro} so the global batch fits the range)"
                if self.requested_micro != b.micro_batch_size else ""),
@@ -123,10 +126,11 @@ def plan_run(args: argparse.Namespace, env=None) -> RunPlan:
     device = f"cuda:{dist.local_rank}" if accelerator() == "cuda" else "cpu"
     if precision == "fp16" and device == "cpu":
         raise ConfigError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use precision=bf16 or precision=fp32")
+    compiled = engine_cfg.compile if engine_cfg.compile is not None else bool(andy.get("compile", False))
     model = model_config(size, **cfg.model)
     if cfg.init_from:  # the shape of the weights training starts from
         model = init_model_config(cfg.init_from, model, cfg.model)
-    return RunPlan(dist, cfg, size, model, batch, precision, zero_stage, checkpointing, ds, device, micro)
+    return RunPlan(dist, cfg, size, model, batch, precision, zero_stage, checkpointing, ds, device, micro, compiled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +217,14 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
 def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, faults: FaultHooks):
     """The model inside the DeepSpeed engine, and the trainer's state (both from the checkpoint on a resume)."""
     cfg = plan.cfg
-    ds_config = ds_engine.resolve_ds_config(plan.ds, cfg.optim, cfg.schedule, plan.batch,
-                                            cfg.schedule.lr_decay_steps or data.total_steps, plan.precision,
-                                            plan.zero_stage, load_universal=resume is not None and resume.universal)
+    ds_config = ds_engine.resolve_ds_config(plan.ds, cfg.optim, plan.batch, plan.precision, plan.zero_stage,
+                                            load_universal=resume is not None and resume.universal)
     torch.manual_seed(cfg.seed)
     model = initial_model(plan.model, cfg.init_from, data.tokenizer, plan.activation_checkpointing)
     faults.install(model)
     engine = ds_engine.build_engine(model, ds_config, cfg.optim.weight_decay)
+    if plan.compile:
+        ds_engine.compile_model(engine)
     if resume is None:
         return engine, TrainState(), ds_config
     ckpt.load(engine, resume.checkpoint, resume.load_tag)
@@ -265,7 +270,10 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     monitor = Monitor(logger, mfu_meter, samples, log_interval=log.log_interval,
                       sample_interval=cfg.samples.interval, stall_report_s=cfg.engine.stall_report_s,
                       on_evaluation=trial_evaluation_hook(dist.is_main))
-    step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed)
+    schedule = LrSchedule(cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.lr_decay_steps or data.total_steps,
+                          cfg.schedule.min_lr_ratio)
+    step = StepRunner(engine, dist, device, plan.precision, plan.zero_stage, seed=cfg.seed, lr_schedule=schedule,
+                      max_grad_norm=cfg.optim.grad_clip)
     trainer_data = TrainData(data.stream, lambda: data.val_stream(plan), data.total_steps,
                              val_text_bytes=data.shards.text_bytes("val"))
     trainer = Trainer(step, trainer_data, cfg.loop, monitor, Checkpoints(ckpt_dir, run_meta), state=state,

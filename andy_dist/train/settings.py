@@ -32,7 +32,8 @@ class ScheduleSettings:
     """The learning-rate schedule: linear warmup, then cosine decay."""
 
     warmup_steps: int = 1000
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup over this many optimizer steps: step k of it trains at lr * k / warmup_steps (so the first
+    step already learns); 0: no warmup, the cosine starts at step 1."""
     lr_decay_steps: int | None = None
     """Length of the schedule (warmup + cosine); default max_steps, else max_epochs x steps per epoch.
     Set it when a run will be extended or stopped early, so the schedule does not depend on where it stops."""
@@ -91,6 +92,10 @@ class EngineSettings:
     """ZeRO stage 0-3; default from the ds_config."""
     activation_checkpointing: bool | None = None
     """Recompute block activations in backward; default from the ds_config's "andy" section."""
+    compile: bool | None = None
+    """torch.compile the model inside the engine (Inductor; works with ZeRO 0-3 and activation checkpointing);
+    default from the ds_config's "andy" section, off in every shipped one until measured on a GPU
+    (scripts/gpu_checks.sh). The first step pays the compilation; docs/performance.md has the figures."""
     memory_cap_gb: float | None = None
     """Cap this process's CUDA memory (e.g. 8 to prove a config fits an 8 GB card on a bigger one)."""
     dist_timeout_s: int = 600
@@ -196,7 +201,7 @@ class TrainConfig:
             if value is None or value < 1e-12:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if s.warmup_steps is None or s.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be positive, got {s.warmup_steps!r}")
+            raise ConfigError(f"warmup_steps must be 0 or more, got {s.warmup_steps!r}")
         optional = {"max_steps": lp.max_steps, "lr_decay_steps": s.lr_decay_steps,
                     "micro_batch_size": d.micro_batch_size, "global_batch_size": d.global_batch_size,
                     "eval_interval": lp.eval_interval, "sample_interval": self.samples.interval,

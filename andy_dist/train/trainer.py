@@ -17,7 +17,7 @@ import torch
 
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train.checkpoint_format import step_tag
-from andy_dist.train.engine import current_lr, full_state_dict
+from andy_dist.train.engine import full_state_dict
 from andy_dist.train.faults import NO_FAULTS, FaultHooks
 from andy_dist.train.metrics import memory_gb, validation_metrics
 from andy_dist.train.nonfatal import nonfatal
@@ -54,6 +54,7 @@ class TrainState:
     bad_evals: int = 0
     bad_steps_in_row: int = 0
     skipped_steps: int = 0
+    overflow_skips: int = 0  # steps DeepSpeed's fp16 loss scaler skipped (finite loss, overflowing gradient)
     early_stopped: bool = False
     wandb_run_id: str | None = None
     data: dict = field(default_factory=dict)
@@ -181,6 +182,7 @@ class Trainer:
         state.step += 1
         state.tokens_seen += result.input_tokens
         state.data = self.data.stream.state_dict()
+        state.overflow_skips += int(result.overflow)
         if result.skipped:
             state.skipped_steps += 1
             state.bad_steps_in_row += 1
@@ -205,8 +207,8 @@ class Trainer:
         finite = [r.loss for r in window if math.isfinite(r.loss)]
         metrics = {
             "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/lr": current_lr(self.engine),
-            "train/grad_norm": _grad_norm(self.engine),
+            "train/lr": window[-1].lr,  # the rate the last step trained at
+            "train/grad_norm": window[-1].grad_norm,  # its global norm before clipping
             **self.speed.read(self.state.step),  # tokens/s (wall clock and compute), data wait, MFU, ETA
             "train/global_batch_seqs": self.checkpoints.run_meta["global_batch_size"],
             "train/global_batch_tokens": window[-1].input_tokens,
@@ -221,8 +223,10 @@ class Trainer:
             metrics["sys/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             # What the caching allocator holds (what the card must have), not only what tensors use.
             metrics["sys/peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-        if self.step.precision == "fp16" or self.state.skipped_steps:
-            metrics["train/skipped_steps"] = self.state.skipped_steps
+        # Steps skipped for a non-finite loss or gradient (the run stops after max_bad_steps in a row), and apart
+        # from them the steps fp16 loss scaling skipped for an overflow.
+        metrics["train/skipped_steps"] = self.state.skipped_steps
+        metrics["train/overflow_skips"] = self.state.overflow_skips
         if self.step.precision == "fp16":
             metrics["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         self.monitor.logger.log(self.state.step, metrics)
@@ -302,11 +306,4 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._preempted = True
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 

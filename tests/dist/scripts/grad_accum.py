@@ -23,7 +23,7 @@ from andy_dist.data.stream import collate  # noqa: E402
 from andy_dist.model import AndyLM  # noqa: E402
 from andy_dist.train.distenv import detect  # noqa: E402
 from andy_dist.train.engine import build_engine, init_distributed, shutdown_distributed  # noqa: E402
-from andy_dist.train.step import StepResult, StepRunner  # noqa: E402
+from andy_dist.train.step import PendingStep, StepRunner  # noqa: E402
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_layers=2, dropout=0.0)
 LENGTHS = [5, 31, 12, 64, 7, 40, 3, 22]  # very different lengths: per-micro-batch means would weight them wrongly
@@ -38,7 +38,8 @@ def engine_for(micro: int, accum: int, world: int):
     torch.manual_seed(0)
     ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
           "train_batch_size": micro * accum * world, "zero_optimization": {"stage": 0},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 10**9}
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True, "fused": True}},
+          "gradient_clipping": 0.0, "steps_per_print": 10**9}  # the step runner clips (andy_dist.train.step)
     return build_engine(AndyLM(CFG), ds, weight_decay=0.0)
 
 
@@ -51,9 +52,9 @@ def captured_gradient(micro: int, world: int, rank: int, device, dist, normalise
     runner = StepRunner(engine, dist, device, "fp32", 0)
     if normalise_per_micro:  # the common mistake, to show the test can tell the difference
         runner = _PerMicroMean(engine, dist, device)
-    result = runner.forward_backward(batches)
+    pending = runner.forward_backward(batches)
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()}  # what the optimizer sees
-    runner.apply(skipped=result.skipped)
+    runner.apply(pending)
     return grads
 
 
@@ -67,7 +68,7 @@ class _PerMicroMean(StepRunner):
             self.engine.backward(out.loss_sum / out.target_tokens)
             if index < len(micro_batches) - 1:
                 self.engine.step()
-        return StepResult(0.0, 0, 0, 0, 0, skipped=False, preempt=False, seconds=0.0)
+        return PendingStep(torch.zeros((), dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
 
 
 def reference_gradient():

@@ -48,7 +48,7 @@ def train_values(step: int, mfu=0.31) -> dict:
         "train/mfu_compute": None if mfu is None else 1.25 * mfu,
         "train/global_batch_seqs": 32, "train/global_batch_tokens": 4096, "train/padding_fraction": 0.1,
         "train/tokens_seen": 4096 * step, "train/epoch": 0, "sys/memory_gb": memory_gb(),
-        "time/elapsed_s": 1.0 * step, "time/eta_s": 10.0 - step,
+        "time/elapsed_s": 1.0 * step, "time/eta_s": 10.0 - step, "train/skipped_steps": 0, "train/overflow_skips": 0,
     }
 
 
@@ -250,6 +250,7 @@ def _two_rank_worker(rank: int, world: int, port: int, run_dir: str) -> None:
             "train/global_batch_tokens": int(figures[1].item()), "train/padding_fraction": 0.0,
             "train/tokens_seen": tokens_seen, "train/epoch": 0,
             "sys/memory_gb": memory_gb("cpu"), "time/elapsed_s": time.perf_counter() - started,
+            "train/skipped_steps": 0, "train/overflow_skips": 0,
         })
     log.close()
     dist.barrier()
