@@ -65,7 +65,8 @@ class Poison:
         return output._replace(loss_sum=output.loss_sum * float("nan")) if self.nan_loss else output
 
     def _backward(self, module, grad_output):
-        return tuple(g * float("inf") for g in grad_output) if self.inf_grad else None
+        # The head returns (loss sum, target count): the count has no gradient.
+        return tuple(None if g is None else g * float("inf") for g in grad_output) if self.inf_grad else None
 
 
 def run_configuration(stage: int, precision: str, dist, device) -> dict:
