@@ -54,7 +54,7 @@ def test_the_run_took_its_tokenizer_from_the_shards(run, train_shards):
 def test_hf_export_of_a_checkpoint_gives_our_logits(run, tmp_path, builtin_corpus):
     from andy_dist.config import ModelConfig
     from andy_dist.data.tokenizer import Tokenizer
-    from andy_dist.infer.export import load_checkpoint_weights
+    from andy_dist.infer.export import load_logical_weights
     from andy_dist.model import AndyLM
 
     out = tmp_path / "hf"
@@ -77,11 +77,11 @@ def test_weight_averaging_exports_the_mean_of_the_checkpoints(run, tmp_path):
     from safetensors.torch import load_file
 
     from andy_dist.commands.export import main as export_main
-    from andy_dist.infer.export import load_checkpoint_weights
+    from andy_dist.infer.export import load_logical_weights
     from andy_dist.infer.model_file import read_float_weights
 
     ckpt = run / "checkpoints"
-    members = [load_checkpoint_weights(ckpt, tag)[0] for tag in ("step-000002", "step-000004", "step-000006")]
+    members = [load_logical_weights(ckpt, tag)[0] for tag in ("step-000002", "step-000004", "step-000006")]
     assert export_main(["--fp32", str(ckpt), "--average", "step-000002", "step-000004", "step-000006",
                         "-o", str(tmp_path / "avg.andy")]) == 0
     averaged, _, _, info = read_float_weights(tmp_path / "avg.andy")
@@ -113,7 +113,7 @@ def gpt2_dir(train_shards, tmp_path_factory) -> tuple:
 
 
 def test_training_from_a_gpt2_keeps_its_position_table_exactly(gpt2_dir, train_shards, tmp_path):
-    from andy_dist.infer.export import load_checkpoint_weights
+    from andy_dist.infer.export import load_logical_weights
     from andy_dist.infer.hf_format import from_hf_state
     from andy_dist.infer.hf_import import import_hf_model
 
