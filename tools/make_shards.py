@@ -2,11 +2,13 @@
 """Tokenize text into WebDataset tar shards for training (see andy_dist/data/shard_writer.py for the format).
 
     python tools/make_shards.py --input PATH [PATH ...] --tokenizer DIR/tokenizer.model --out shards/NAME
-        [--val-fraction F] [--shard-size-mb M] [--workers N] [--max-seq-len 512]
+        [--val-fraction F] [--shard-size-mb M] [--workers N] [--max-seq-len 512] [cleaning options]
 
 PATH: a .txt file (one document), a .jsonl file (one {"text": ...} per line), a directory or a glob.
-Empty and exactly duplicated documents are dropped and counted; documents longer than --max-seq-len
-tokens (BOS and EOS included) are cut into nearly equal pieces. Reruns give byte-identical shards.
+Documents are cleaned first (andy_dist/data/cleaning.py: Unicode normalisation; empty, too short,
+letter-poor, garbled, duplicate and near-duplicate documents are dropped; the summary counts each
+rule); train the tokenizer with the same cleaning options. Documents longer than --max-seq-len tokens
+(BOS and EOS included) are cut into nearly equal pieces. Reruns give byte-identical shards.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
+from andy_dist.data.cleaning import add_cleaning_arguments, options_from_args  # noqa: E402
 from andy_dist.data.shard_writer import summary, write_shards  # noqa: E402
 
 
@@ -31,10 +34,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     parser.add_argument("--max-seq-len", type=int, default=512,
                         help="longest sample in tokens, BOS/EOS included; longer documents are cut")
+    add_cleaning_arguments(parser)
     args = parser.parse_args()
+    options = options_from_args(args)
     start = time.time()
     manifest = write_shards(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                            shard_size_mb=args.shard_size_mb, workers=args.workers, max_seq_len=args.max_seq_len)
+                            shard_size_mb=args.shard_size_mb, workers=args.workers, max_seq_len=args.max_seq_len,
+                            cleaning=options)
     seconds = time.time() - start
     print(summary(manifest))
     megabytes = manifest["stats"]["bytes_in"] / 1e6

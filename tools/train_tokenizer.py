@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train the SentencePiece BPE tokenizer (PAD 0, UNK 1, BOS 2, EOS 3) on text files.
 
-    python tools/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --out DIR
+    python tools/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --out DIR [cleaning options]
 
 PATH: a .txt file (one document), a .jsonl file (one {"text": ...} per line), a directory or a glob.
+The tokenizer is trained on the documents tools/make_shards.py keeps: the same cleaning (Unicode
+normalisation, length, character-class, duplicate and near-duplicate rules) with the same options.
 """
 
 import argparse
@@ -14,6 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from andy_dist.cli import run_tool  # noqa: E402
+from andy_dist.data.cleaning import (  # noqa: E402
+    CleaningStats,
+    add_cleaning_arguments,
+    cleaned_documents,
+    options_from_args,
+)
 from andy_dist.data.corpus import iter_documents, resolve_inputs, total_bytes  # noqa: E402
 from andy_dist.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -25,11 +33,16 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="output directory for tokenizer.model and tokenizer.vocab")
     parser.add_argument("--sample-sentences", type=int, default=2_000_000,
                         help="at most this many lines are sampled for training (bounds memory)")
+    add_cleaning_arguments(parser)
     args = parser.parse_args()
+    options = options_from_args(args)
     files = resolve_inputs(args.input)
     start = time.time()
-    model_path = train_tokenizer(iter_documents(files), args.vocab_size, args.out, args.sample_sentences)
+    stats = CleaningStats()
+    model_path = train_tokenizer(cleaned_documents(iter_documents(files), stats, options), args.vocab_size,
+                                 args.out, args.sample_sentences)
     tokenizer = Tokenizer.from_file(model_path)
+    print(stats.describe())
     print(f"wrote {model_path} ({tokenizer.vocab_size} pieces, sha256 {tokenizer.sha256[:12]}) "
           f"from {len(files)} file(s), {total_bytes(files) / 1e6:.2f} MB, in {time.time() - start:.1f}s")
     return 0
