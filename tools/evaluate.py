@@ -2,6 +2,7 @@
 """Loss, perplexity and bits per byte of a model file on held-out data.
 
     python tools/evaluate.py model.andy --data shards/NAME --split val
+    python tools/evaluate.py model.andy --data s3://bucket/shards/NAME   # or https://...: fetched into the cache
     python tools/evaluate.py model.andy --text held_out.txt          # raw text, cut into 512-token windows
 
 Run it on an fp32 and an int8 export of the same checkpoint to see what quantization costs.
@@ -55,12 +56,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .andy file written by tools/export.py")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="a shard directory written by tools/make_shards.py")
+    source.add_argument("--data", help="a shard set written by tools/make_shards.py: a folder or a URL")
     source.add_argument("--text", help="a UTF-8 text file")
     parser.add_argument("--split", default="val", choices=["val"], help="the shards' split (val)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--cache-dir", help="node-local folder for copies of a remote --data (default "
+                                            "$ANDY_CACHE_DIR or ~/.cache/andy_dist)")
+    parser.add_argument("--storage-options", help="JSON object of fsspec options for a --data URL")
     args = parser.parse_args()
 
     from andy_dist import BOS_ID, EOS_ID, UserError
@@ -71,10 +75,14 @@ def main() -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, tokenizer, info = load_model_file(args.model, device=resolve_device(args.device))
     if args.data:
+        from andy_dist.data.remote import parse_storage_options
+        from andy_dist.data.shard_cache import DataAccess
         from andy_dist.data.shard_reader import open_shards
         from andy_dist.data.stream import ValStream
 
-        shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=model.cfg.vocab_size, verify="size")
+        access = DataAccess(cache_dir=args.cache_dir, storage_options=parse_storage_options(args.storage_options))
+        shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=model.cfg.vocab_size, verify="size",
+                             access=access)
         stream = ValStream(shards, rank=0, world_size=1, micro_batch_size=args.batch_size,
                            max_seq_len=model.cfg.max_seq_len)
         batches = ((mb.input_ids, mb.targets, mb.attention_mask) for mb in stream)
