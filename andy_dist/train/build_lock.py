@@ -65,27 +65,30 @@ def _builds_in(folder: Path) -> bool:
     return False
 
 
-def stale(lock: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> bool:
+def stale_age(lock: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> float | None:
+    """The lock's age in seconds if it is stale (see the module doc), else None (also when it is gone)."""
     try:
         age = (time.time() if now is None else now) - lock.stat().st_mtime
     except FileNotFoundError:
-        return False
-    return age >= stale_after_s and not _builds_in(lock.parent)
+        return None
+    return age if age >= stale_after_s and not _builds_in(lock.parent) else None
 
 
 def clear_stale_build_locks(root: Path | None = None, stale_after_s: float = STALE_AFTER_S, stream=None) -> list[Path]:
-    """Delete the stale locks under `root` (default: `extensions_root()`), one line each; returns them."""
+    """Delete the stale locks under `root` (default: `extensions_root()`), one line each; returns them.
+
+    Every rank of a node may do this at once: a lock another rank removed first is skipped."""
     root = extensions_root() if root is None else root
     stream = stream or sys.stderr
     removed = []
     for lock in build_locks(root):
-        if not stale(lock, stale_after_s=stale_after_s):
+        age = stale_age(lock, stale_after_s=stale_after_s)
+        if age is None:
             continue
-        age = time.time() - lock.stat().st_mtime
         try:
             lock.unlink()
         except FileNotFoundError:
-            continue  # another rank removed it first
+            continue
         except OSError as err:
             raise UserError(f"{lock} is a stale build lock ({age / 60:.0f} min old, no build running) that "
                             f"would hang this run, and it cannot be removed ({err.strerror}): delete it "
