@@ -5,8 +5,9 @@ local disk, or checks the one-line error and that nothing half-downloaded stays 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import pytest
 from andy_dist import UserError
 from andy_dist.data.batch_plan import EpochOrder
 from andy_dist.data.remote import FetchPolicy
-from andy_dist.data.shard_cache import DataAccess, ShardFiles
+from andy_dist.data.shard_cache import DataAccess
 from andy_dist.data.shard_reader import open_shards
 from andy_dist.data.shard_writer import write_shards
 from andy_dist.data.stream import TrainStream
+from tests.launching import ROOT, cpu_env
 from tests.servers import FileServer, S3Server, without_aws_credentials
 from tests.unit.data.shard_io import all_samples
 
@@ -151,31 +153,38 @@ def test_a_server_gone_mid_epoch_ends_in_one_line_after_retries(many_shards, tok
     assert time.monotonic() - started >= sum(QUICK.waits())
 
 
-def _fetch_every_shard(url: str, cache_dir: str, start, out: str) -> None:
-    files = ShardFiles(url, DataAccess(cache_dir=cache_dir, policy=QUICK))
-    manifest = files.manifest()
-    start.wait()
-    sizes = {}
-    for split in ("train", "val"):
-        for shard in manifest["splits"][split]["shards"]:
-            path = files.ensure(shard["file"], shard["sha256"], shard["bytes"])
-            sizes[shard["file"]] = path.stat().st_size
-    Path(out).write_text(json.dumps(sizes))
+_FETCH_EVERY_SHARD = """
+import json, sys, time
+from pathlib import Path
+from andy_dist.data.remote import FetchPolicy
+from andy_dist.data.shard_cache import DataAccess
+url, cache, go, out = sys.argv[1:5]
+files = ShardFiles(url, DataAccess(cache_dir=cache, policy=FetchPolicy(3, 0.2)))
+manifest = files.manifest()
+Path(out + ".ready").touch()
+while not Path(go).exists():
+    time.sleep(0.002)
+sizes = {}
+for split in ("train", "val"):
+    for shard in manifest["splits"][split]["shards"]:
+        sizes[shard["file"]] = files.ensure(shard["file"], shard["sha256"], shard["bytes"]).stat().st_size
+Path(out).write_text(json.dumps(sizes))
+"""
 
 
 def test_one_process_per_node_downloads_a_shard_the_others_wait(many_shards, server, tmp_path):
     """Two processes sharing a cache folder ask for every shard at the same moment: each shard crosses the
     network once, and both processes end up with complete copies."""
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(2)
-    outs = [tmp_path / f"sizes{i}.json" for i in range(2)]
-    procs = [context.Process(target=_fetch_every_shard, args=(server.url, str(tmp_path / "cache"), start, str(out)))
-             for out in outs]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        assert proc.exitcode == 0
+    go, outs = tmp_path / "go", [tmp_path / f"sizes{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _FETCH_EVERY_SHARD, server.url, str(tmp_path / "cache"),
+                               str(go), str(out)], cwd=ROOT, env=cpu_env()) for out in outs]
+    try:
+        _wait_until(lambda: all(Path(f"{out}.ready").exists() for out in outs))
+        go.touch()
+        assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    finally:
+        for proc in procs:
+            proc.kill()
     manifest = json.loads((many_shards / "manifest.json").read_text())
     names = [s["file"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
     assert [server.count(name) for name in names] == [1] * len(names)
