@@ -6,8 +6,8 @@ Every document goes through these steps in order; the first rule that drops it i
    typed two ways is one token sequence; line endings become "\\n". NFKC also folds compatibility
    forms (full-width letters, ligatures); `none` keeps the text as it is.
 2. empty: nothing but whitespace.
-3. too_short / too_long: fewer than `min_chars` (default 8) or more than `max_chars` characters
-   (default: no limit; long documents are cut into samples anyway).
+3. too_short / too_long: fewer than `min_chars` (default 5, so short CJK sayings stay) or more than
+   `max_chars` characters (default: no limit; long documents are cut into samples anyway).
 4. few_letters: letters (any script) are under `min_letter_share` (default 0.2) of the non-space
    characters: number tables, base64 blobs, separator lines.
 5. bad_characters: more than `max_bad_share` (default 0.01) of the characters are replacement
@@ -43,7 +43,7 @@ _RARE_CHARS = re.compile("[^\x00-\x7f\u4e00-\u9fff]")
 @dataclass(frozen=True)
 class CleaningOptions:
     normalize: str = "NFC"
-    min_chars: int = 8
+    min_chars: int = 5
     max_chars: int | None = None
     min_letter_share: float = 0.2
     max_bad_share: float = 0.01
