@@ -9,7 +9,7 @@ Every document goes through these steps in order; the first rule that drops it i
 3. too_short / too_long: fewer than `min_chars` (default 5, so short CJK sayings stay) or more than
    `max_chars` characters (default: no limit; long documents are cut into samples anyway).
 4. few_letters: letters (any script) are under `min_letter_share` (default 0.2) of the non-space
-   characters: number tables, base64 blobs, separator lines.
+   characters: number tables, separator lines, emoticons.
 5. bad_characters: more than `max_bad_share` (default 0.01) of the characters are replacement
    characters (U+FFFD, left by a wrong decoding), control characters other than tab and line
    breaks, private-use, unassigned or surrogate code points.

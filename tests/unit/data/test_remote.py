@@ -136,6 +136,26 @@ def test_a_damaged_cached_shard_is_fetched_again(many_shards, server, tokenizer_
         capfd.readouterr().err
 
 
+def test_local_shards_are_hashed_once_per_node_before_their_first_read(many_shards, tokenizer_path, tmp_path):
+    """data_verify=once on a local folder: opening reads no shard; each shard is hashed before its first
+    read and remembered on the node; a shard changed afterwards (same size) is hashed again and named."""
+    data = tmp_path / "set"
+    shutil.copytree(many_shards, data)
+    shards = open_shards(data, tokenizer=tokenizer_path, verify="once", access=access(tmp_path))
+    records = shards.files.cache.meta / "verified"
+    assert not any(records.glob("*.tar.json"))  # start-up hashed nothing
+    all_samples(shards, "train")
+    assert {p.name for p in records.glob("*.tar.json")} == {f"{s.name}.json" for s in shards.train}
+    victim = data / shards.train[1].name
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    again = open_shards(data, tokenizer=tokenizer_path, verify="once", access=access(tmp_path))
+    with pytest.raises(UserError) as error:
+        all_samples(again, "train")
+    assert str(error.value).startswith(f"shard {victim} is corrupt: its sha256 ")
+
+
 def test_a_server_gone_mid_epoch_ends_in_one_line_after_retries(many_shards, tokenizer_path, tmp_path):
     with FileServer(many_shards) as server:
         shards = open_shards(server.url, tokenizer=tokenizer_path, verify="once", access=access(tmp_path))
@@ -157,7 +177,7 @@ _FETCH_EVERY_SHARD = """
 import json, sys, time
 from pathlib import Path
 from andy_dist.data.remote import FetchPolicy
-from andy_dist.data.shard_cache import DataAccess
+from andy_dist.data.shard_cache import DataAccess, ShardFiles
 url, cache, go, out = sys.argv[1:5]
 files = ShardFiles(url, DataAccess(cache_dir=cache, policy=FetchPolicy(3, 0.2)))
 manifest = files.manifest()
