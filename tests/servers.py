@@ -2,7 +2,7 @@
 
 `FileServer`: Python's own `http.server` serving a folder, recording every request, and able to
 misbehave the way networks do: cut a transfer halfway (the connection closes after part of the
-body) or answer 404. `S3Server`: moto in server mode, an S3-compatible endpoint on a local port.
+body) or answer 404 or 403. `S3Server`: moto in server mode, an S3-compatible endpoint on a local port.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             cuts = owner.cut.get(name, 0)
             if cuts:
                 owner.cut[name] = cuts - 1
-        if name in owner.missing:
-            self.send_error(404)
+        if name in owner.missing or name in owner.forbidden:
+            self.send_error(404 if name in owner.missing else 403)
             return
         if cuts:
             data = (Path(self.directory) / name).read_bytes()
@@ -50,6 +50,7 @@ class FileServer:
         self.requests: list[str] = []
         self.cut: dict[str, int] = {}  # file -> how many more transfers of it to cut halfway
         self.missing: set[str] = set()  # files answered with 404
+        self.forbidden: set[str] = set()  # files answered with 403
         self.lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
 

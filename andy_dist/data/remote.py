@@ -137,7 +137,7 @@ def _raise_if_final(err: Exception, url: str) -> None:
         raise UserError(f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                         f"AWS_PROFILE), or pass --storage-options '{{\"key\": ..., \"secret\": ...}}' "
                         f"('{{\"anon\": true}}' for a public bucket)") from None
-    if any(isinstance(e, PermissionError) for e in chain):
+    if any(isinstance(e, PermissionError) or getattr(e, "status", None) in (401, 403) for e in chain):
         raise UserError(f"access to {url} was refused ({_describe(err)}); check the credentials and the "
                         f"bucket's permissions") from None
     transient = any(isinstance(e, _CONNECTION_ERRORS) or "Connect" in type(e).__name__ for e in chain[1:])

@@ -60,3 +60,14 @@ def test_sweep_section(tmp_path):
     assert figures["steps_unpruned"] == 8 and 0 < figures["steps_pruned"] <= 8
     assert 0 < figures["steps_ratio"] <= 1
     assert math.isfinite(figures["best_val_ratio"]) and figures["best_val_ratio"] >= 1.0
+
+
+def test_data_section_streams_a_url(tmp_path, train_shards):
+    """`bench data --data URL`: the stream benchmark reads a shard set served over HTTP (through the cache)."""
+    from tests.servers import FileServer
+
+    with FileServer(train_shards) as server:
+        figures = bench(tmp_path, "data", "--data", server.url, "--cache-dir", str(tmp_path / "cache"), "--steps", "5",
+                        "--train-steps", "1")
+    assert figures["data"] == server.url and figures["train_samples"] > 0
+    assert figures["stream_over_train_0_workers"] > 0 and server.count("train-000000.tar") == 1

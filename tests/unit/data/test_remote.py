@@ -95,7 +95,7 @@ def test_s3_set_through_an_s3_compatible_server(many_shards, tokenizer_path, tmp
         assert time.monotonic() - started < 5
 
 
-def test_a_missing_shard_is_named_at_once(many_shards, server, tokenizer_path, tmp_path):
+def test_a_missing_or_forbidden_shard_is_named_at_once(many_shards, server, tokenizer_path, tmp_path):
     shards = open_shards(server.url, tokenizer=tokenizer_path, verify="once", access=access(tmp_path))
     victim = shards.train[3].name
     server.missing.add(victim)
@@ -104,6 +104,11 @@ def test_a_missing_shard_is_named_at_once(many_shards, server, tokenizer_path, t
     assert str(error.value).startswith(f"{server.url}/{victim} does not exist (not found on the server)")
     assert server.count(victim) == 1  # a 404 is not retried
     assert not shards.files.cached(victim)
+    refused = shards.train[4]
+    server.forbidden.add(refused.name)
+    with pytest.raises(UserError, match=f"access to {server.url}/{refused.name} was refused"):
+        shards.files.ensure(refused.name, refused.sha256, refused.bytes)
+    assert server.count(refused.name) == 1  # nor is a 403
 
 
 def test_a_cut_transfer_is_retried_and_never_becomes_a_cached_shard(many_shards, server, tokenizer_path, tmp_path):
