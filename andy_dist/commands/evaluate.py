@@ -1,6 +1,7 @@
 """Loss, perplexity and bits per byte of a model file (or an ensemble) on held-out data.
 
     andy-evaluate model.andy --data shards/NAME --split val        (or: python tools/evaluate.py ...)
+    andy-evaluate model.andy --data s3://bucket/shards/NAME        # or https://...: fetched into the cache
     andy-evaluate model.andy --text held_out.txt                   # raw text, cut into 512-token windows
     andy-evaluate a.andy --ensemble b.andy --data shards/NAME      # each member and their averaged distribution
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a .andy file written by tools/export.py")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="a shard directory written by tools/make_shards.py")
+    source.add_argument("--data", help="a shard set written by tools/make_shards.py: a folder or a URL")
     source.add_argument("--text", help="a UTF-8 text file")
     parser.add_argument("--split", default="val", choices=["val"], help="the shards' split (val)")
     parser.add_argument("--ensemble", action="append", default=[], metavar="OTHER.andy",
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--cache-dir", help="node-local folder for copies of a remote --data (default "
+                                            "$ANDY_CACHE_DIR or ~/.cache/andy_dist)")
+    parser.add_argument("--storage-options", help="JSON object of fsspec options for a --data URL")
     return parser
 
 
@@ -53,10 +57,14 @@ def _batches(args, models, tokenizer):
 
     cfg = models[0].cfg
     if args.data:
+        from andy_dist.data.remote import parse_storage_options
+        from andy_dist.data.shard_cache import DataAccess
         from andy_dist.data.shard_reader import open_shards
         from andy_dist.data.stream import ValStream
 
-        shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, verify="size")
+        access = DataAccess(cache_dir=args.cache_dir, storage_options=parse_storage_options(args.storage_options))
+        shards = open_shards(args.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, verify="size",
+                             access=access)
         stream = ValStream(shards, rank=0, world_size=1, micro_batch_size=args.batch_size, max_seq_len=cfg.max_seq_len)
         return ((mb.input_ids, mb.targets, mb.attention_mask) for mb in stream), stream.text_bytes
     text = read_text_file(args.text, "--text")

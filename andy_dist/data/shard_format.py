@@ -79,8 +79,13 @@ def read_manifest(directory: Path) -> dict:
             raise UserError(f"shard directory {directory} does not exist; make it with tools/make_shards.py "
                             f"--out {directory}{hint}")
         raise UserError(f"{path} is missing{hint}; {REMAKE} --out {directory}")
+    return manifest_from_bytes(path.read_bytes(), str(path))
+
+
+def manifest_from_bytes(data: bytes, path: str) -> dict:
+    """A manifest's bytes (read from `path`, a file or a URL), checked as `read_manifest` says."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); {REMAKE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

@@ -1,50 +1,52 @@
 """Open and check a shard set, and read its samples by id (the format: `andy_dist.data.shard_format`).
 
-`open_shards()` checks everything that can be checked before training starts and turns each
-problem into a `UserError` that names the file and the fix: a missing or malformed manifest, a
-missing, truncated or modified shard (size and sha256 against the manifest), a shard set made with
-another tokenizer or vocabulary, token ids outside the vocabulary, an empty split. With
-`verify="full"` it also reads every shard through a plain WebDataset pipeline
+The set is a local folder or a URL (`andy_dist.data.remote`); its files are reached through
+`andy_dist.data.shard_cache.ShardFiles`, which copies remote files into the node's cache and checks
+each file before its first read. `open_shards()` checks what can be checked before training starts
+and turns each problem into a `UserError` that names the file and the fix: a missing or malformed
+manifest, a missing, truncated or modified shard, a shard set made with another tokenizer or
+vocabulary, token ids outside the vocabulary, an empty split. How much is read at the start is
+`verify`:
+
+    size    the manifest, the lengths files and (local sets) every shard's size; nothing else
+    once    as size, and each shard's sha256 checked once per node before its first read, the result
+            remembered (the trainer's default: start-up does not read the dataset)
+    sha256  as size, and every shard hashed at every start (remote: every shard downloaded first)
+    full    as sha256, and every shard read through a plain WebDataset pipeline
 (`SimpleShardList -> tarfile_to_samples`; only the two .npy members are decoded, never by pickle)
 and checks every block: its members, key, sample count, lengths against the lengths file, and its
 largest token id.
 
-`SampleReader` gives random access by sample id. The manifest records each block's sample count and
-the byte offset of its first tar header, so reading a sample costs one seek plus one block read:
-WebDataset's `tar_file_iterator` parses the two members from there and its npy decoder decodes them
-(no pickle). A small LRU cache keeps recently used blocks, since the shuffled order visits a window of
-blocks at a time (see `andy_dist.data.batch_plan`).
+Reading samples by id: `andy_dist.data.sample_reader`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import webdataset as wds
 from webdataset.autodecode import npy_loads
 
 from andy_dist import UserError
-from andy_dist.data.shard_format import (
-    LENGTHS_MEMBER,
-    MANIFEST,
-    REMAKE,
-    SPLITS,
-    TOKENS_MEMBER,
-    block_key,
-    read_manifest,
-)
+from andy_dist.data.prefetch import Prefetcher
+from andy_dist.data.shard_cache import VERIFY_LEVELS, DataAccess, ShardFiles
+from andy_dist.data.shard_format import LENGTHS_MEMBER, MANIFEST, REMAKE, SPLITS, TOKENS_MEMBER, block_key
 from andy_dist.data.tokenizer import Tokenizer
 
-VERIFY_LEVELS = ("size", "sha256", "full")
+if TYPE_CHECKING:
+    from andy_dist.data.sample_reader import SampleReader
+
+__all__ = ["VERIFY_LEVELS", "BlockIndex", "ShardInfo", "ShardSet", "open_shards"]
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path
+    name: str  # the file name the manifest gives
+    path: Path  # where it is read: the shard set's folder, or this node's cache
     samples: int
     tokens: int
     sha256: str
@@ -59,6 +61,7 @@ class BlockIndex:
     """Where every block of a split lives: shard path, byte offset, first sample id, sample count."""
 
     paths: tuple[Path, ...]  # per block
+    shards: tuple[ShardInfo, ...]  # per block
     offsets: np.ndarray  # (blocks,) byte offset of the block's first tar header
     first_sample: np.ndarray  # (blocks + 1,) cumulative sample counts
     shard_of_block: np.ndarray  # (blocks,)
@@ -74,12 +77,15 @@ class BlockIndex:
 class ShardSet:
     """A checked shard set: manifest, shard lists per split, sample lengths and block index."""
 
-    def __init__(self, directory: Path, manifest: dict):
-        self.dir = directory
+    def __init__(self, files: ShardFiles, manifest: dict):
+        self.files = files
+        self.dir = files.directory  # where the files are read (the node's cache for a remote set)
+        self.location = files.location  # what the user named: a folder or a URL
         self.manifest = manifest
-        self._shards = {split: [_shard_info(directory, entry) for entry in manifest["splits"][split]["shards"]]
+        self._shards = {split: [_shard_info(files, entry) for entry in manifest["splits"][split]["shards"]]
                         for split in SPLITS}
         self._lengths: dict[str, np.ndarray] = {}
+        self._prefetcher: Prefetcher | None = None
 
     # --- what the manifest says -----------------------------------------------------------------
     @property
@@ -139,26 +145,58 @@ class ShardSet:
     def lengths(self, split: str) -> np.ndarray:
         """(samples,) uint32 token count of every sample, by sample id."""
         if split not in self._lengths:
-            self._lengths[split] = _load_lengths(self.dir, self._split(split), self.num_samples(split))
+            entry = self._split(split)
+            path = self.files.ensure(entry["lengths_file"], entry.get("lengths_sha256"), None)
+            self._lengths[split] = _load_lengths(path, self.num_samples(split))
         return self._lengths[split]
 
     def block_index(self, split: str) -> BlockIndex:
-        paths, offsets, sizes, shard_of_block = [], [], [], []
+        paths, shards, offsets, sizes, shard_of_block = [], [], [], [], []
         for shard_number, shard in enumerate(self.shards(split)):
             for offset, samples in zip(shard.block_offsets, shard.block_samples):
                 paths.append(shard.path)
+                shards.append(shard)
                 offsets.append(offset)
                 sizes.append(samples)
                 shard_of_block.append(shard_number)
-        return BlockIndex(tuple(paths), np.asarray(offsets, dtype=np.int64),
+        return BlockIndex(tuple(paths), tuple(shards), np.asarray(offsets, dtype=np.int64),
                           np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]),
                           np.asarray(shard_of_block, dtype=np.int64))
 
     def reader(self, split: str, cache_blocks: int = 32) -> "SampleReader":
+        from andy_dist.data.sample_reader import SampleReader
+
         return SampleReader(self, split, cache_blocks)
 
+    # --- fetching ahead (remote sets, or verification once per node) ---------------------------
+    def start_prefetch(self, depth: int, max_bytes: int | None) -> None:
+        """Fetch (or verify) train shards ahead of the position `follow_epoch` reports, in this process."""
+        if self._prefetcher is None and (self.files.remote is not None or self.files.verify == "once"):
+            index = self.block_index("train")
+            self._prefetcher = Prefetcher(self.files, self.train, self.val, index.first_sample, index.shard_of_block,
+                                          depth, max_bytes)
+
+    def follow_epoch(self, order: np.ndarray, epoch: int, margin: int):
+        """`advance(position)` for the stream to call after each step of epoch `epoch` (None: no prefetching).
+
+        order: the epoch's sample ids in reading order; margin: samples behind the position that ranks a
+        step behind may still read (their shards are not evicted yet)."""
+        if self._prefetcher is None:
+            return None
+        return self._prefetcher.follow(order, epoch, margin)
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __getstate__(self):  # DataLoader workers read; only the process that started it prefetches
+        state = self.__dict__.copy()
+        state["_prefetcher"] = None
+        return state
+
     def __repr__(self) -> str:
-        return (f"ShardSet({self.dir}, train={self.num_samples('train')} samples/{len(self.train)} shards, "
+        return (f"ShardSet({self.location}, train={self.num_samples('train')} samples/{len(self.train)} shards, "
                 f"val={self.num_samples('val')} samples/{len(self.val)} shards)")
 
 
@@ -168,15 +206,14 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _shard_info(directory: Path, entry: dict) -> ShardInfo:
+def _shard_info(files: ShardFiles, entry: dict) -> ShardInfo:
     blocks = entry["blocks"]
-    return ShardInfo(directory / entry["file"], int(entry["samples"]), int(entry["tokens"]), entry["sha256"],
-                     int(entry["bytes"]), int(entry["max_token_id"]), tuple(int(b[0]) for b in blocks),
+    return ShardInfo(entry["file"], files.path(entry["file"]), int(entry["samples"]), int(entry["tokens"]),
+                     entry["sha256"], int(entry["bytes"]), int(entry["max_token_id"]), tuple(int(b[0]) for b in blocks),
                      tuple(int(b[1]) for b in blocks))
 
 
-def _load_lengths(directory: Path, split_entry: dict, samples: int) -> np.ndarray:
-    path = directory / split_entry["lengths_file"]
+def _load_lengths(path: Path, samples: int) -> np.ndarray:
     try:
         lengths = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -191,47 +228,53 @@ def _load_lengths(directory: Path, split_entry: dict, samples: int) -> np.ndarra
 
 
 def open_shards(
-    directory: str | Path,
+    location: str | Path | ShardFiles,
     tokenizer: Tokenizer | str | Path | None = None,
     vocab_size: int | None = None,
     verify: str = "full",
     require_val: bool = True,
+    access: DataAccess | None = None,
 ) -> ShardSet:
-    """Open `directory` (a shard set written by tools/make_shards.py) and check it; see the module doc.
+    """Open `location` (a shard set written by tools/make_shards.py: a folder or a URL) and check it.
 
     tokenizer: the run's tokenizer (object or path); its sha256 must match the one the shards were made with.
     vocab_size: the model's vocabulary size; it must equal the shards' and exceed every token id.
-    verify: "size" (files and sizes), "sha256" (also hashes), "full" (also decodes every block).
+    verify: "size", "once", "sha256" or "full"; see the module doc.
     require_val: an empty validation split is an error (the trainer evaluates on it).
+    access: cache, credentials, retries and prefetching (`andy_dist.data.shard_cache.DataAccess`).
+    A `ShardFiles` already made for the location (to read its tokenizer first) may replace `location`.
     """
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    shard_set = ShardSet(directory, manifest)
+    access = access or DataAccess()
+    files = location if isinstance(location, ShardFiles) else ShardFiles(location, access, verify)
+    shard_set = ShardSet(files, files.manifest())
+    where = files.describe(MANIFEST)
     _check_tokenizer(shard_set, tokenizer, vocab_size)
     for split in SPLITS:
         if shard_set.num_samples(split) == 0 and (split == "train" or require_val):
-            raise UserError(f"{directory / MANIFEST}: the {split} split is empty; "
+            raise UserError(f"{where}: the {split} split is empty; "
                             f"{'add text to the input' if split == 'train' else 'make it with --val-fraction > 0'} "
                             f"and {REMAKE}")
         for shard in shard_set.shards(split):
-            _check_file(shard, verify)
+            _check_file(files, shard, verify)
         lengths = shard_set.lengths(split)
         if int(lengths.sum(dtype=np.int64)) != shard_set.tokens(split):
-            raise UserError(f"{directory / shard_set._split(split)['lengths_file']} does not match the manifest's "
-                            f"token count for {split}; {REMAKE}")
+            raise UserError(f"{files.describe(shard_set._split(split)['lengths_file'])} does not match the "
+                            f"manifest's token count for {split}; {REMAKE}")
         if verify == "full":
             _check_blocks(shard_set, split)
+    if access.prefetch:
+        shard_set.start_prefetch(access.prefetch_shards, access.max_bytes)
     return shard_set
 
 
 def _check_tokenizer(shard_set: ShardSet, tokenizer, vocab_size: int | None) -> None:
-    where = shard_set.dir / MANIFEST
+    where = shard_set.files.describe(MANIFEST)
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
         if tok.sha256 != shard_set.tokenizer_sha256:
-            raise UserError(f"{shard_set.dir} was made with a different tokenizer (sha256 "
+            raise UserError(f"{shard_set.location} was made with a different tokenizer (sha256 "
                             f"{shard_set.tokenizer_sha256[:12]}) than this run's (sha256 {tok.sha256[:12]}); "
                             f"re-create the shards with this tokenizer (tools/make_shards.py --tokenizer) "
                             f"or use the tokenizer they were made with")
@@ -246,28 +289,24 @@ def _check_tokenizer(shard_set: ShardSet, tokenizer, vocab_size: int | None) -> 
     for split in SPLITS:
         for shard in shard_set.shards(split):
             if shard.max_token_id >= limit:
-                raise UserError(f"{shard.path} holds token id {shard.max_token_id}, outside the vocabulary of "
-                                f"{limit}; {REMAKE} using the run's tokenizer")
+                raise UserError(f"{shard_set.files.describe(shard.name)} holds token id {shard.max_token_id}, "
+                                f"outside the vocabulary of {limit}; {REMAKE} using the run's tokenizer")
 
 
-def _check_file(shard: ShardInfo, verify: str) -> None:
-    if not shard.path.is_file():
-        raise UserError(f"shard {shard.path} is missing; restore it or {REMAKE}")
-    size = shard.path.stat().st_size
-    if size < shard.bytes:
-        raise UserError(f"shard {shard.path} is truncated ({size} of {shard.bytes} bytes); "
-                        f"copy it again or {REMAKE}")
-    if size != shard.bytes:
-        raise UserError(f"shard {shard.path} has {size} bytes, the manifest says {shard.bytes}; "
-                        f"it was modified: copy it again or {REMAKE}")
+def _check_file(files: ShardFiles, shard: ShardInfo, verify: str) -> None:
+    """Sizes of local shards; with verify sha256/full, every shard's hash (a remote one is fetched first)."""
+    if files.remote is None:
+        if not shard.path.is_file():
+            raise UserError(f"shard {shard.path} is missing; restore it or {REMAKE}")
+        size = shard.path.stat().st_size
+        if size < shard.bytes:
+            raise UserError(f"shard {shard.path} is truncated ({size} of {shard.bytes} bytes); "
+                            f"copy it again or {REMAKE}")
+        if size != shard.bytes:
+            raise UserError(f"shard {shard.path} has {size} bytes, the manifest says {shard.bytes}; "
+                            f"it was modified: copy it again or {REMAKE}")
     if verify in ("sha256", "full"):
-        digest = hashlib.sha256()
-        with open(shard.path, "rb") as handle:
-            for data in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(data)
-        if digest.hexdigest() != shard.sha256:
-            raise UserError(f"shard {shard.path} is corrupt: its sha256 {digest.hexdigest()[:12]} does not match "
-                            f"the manifest's {shard.sha256[:12]}; copy it again or {REMAKE}")
+        files.ensure(shard.name, shard.sha256, shard.bytes, recheck=True)
 
 
 def _check_blocks(shard_set: ShardSet, split: str) -> None:
@@ -313,90 +352,3 @@ def _check_blocks(shard_set: ShardSet, split: str) -> None:
     if next_sample != shard_set.num_samples(split):
         raise UserError(f"the {split} shards hold {next_sample} samples, {shard_set.dir / MANIFEST} says "
                         f"{shard_set.num_samples(split)}; {REMAKE}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Random access
-
-
-class SampleReader:
-    """Reads samples by id (0..N-1 within a split); one per process (it keeps files open)."""
-
-    def __init__(self, shard_set: ShardSet, split: str, cache_blocks: int = 32):
-        self.split = split
-        self.index = shard_set.block_index(split)
-        self.vocab_size = shard_set.vocab_size
-        self.cache_blocks = cache_blocks
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._files: dict[Path, object] = {}
-        self.blocks_read = 0
-
-    def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(block, position in block) of each sample id."""
-        sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        blocks = np.searchsorted(self.index.first_sample, sample_ids, side="right") - 1
-        return blocks, sample_ids - self.index.first_sample[blocks]
-
-    def read(self, sample_ids) -> list[np.ndarray]:
-        """The token arrays of the samples, in the order asked."""
-        blocks, positions = self.locate(sample_ids)
-        out = []
-        for block, position in zip(blocks.tolist(), positions.tolist()):
-            tokens, starts = self.block(block)
-            out.append(tokens[starts[position]:starts[position + 1]])
-        return out
-
-    def block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, starts) of a block: sample i is tokens[starts[i]:starts[i + 1]]."""
-        if number in self._cache:
-            self._cache.move_to_end(number)
-            return self._cache[number]
-        entry = self._read_block(number)
-        self._cache[number] = entry
-        if len(self._cache) > self.cache_blocks:
-            self._cache.popitem(last=False)
-        return entry
-
-    def _read_block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.index.paths[number]
-        offset = int(self.index.offsets[number])
-        expected = int(self.index.sizes[number])
-        key = None
-        try:
-            handle = self._files.get(path)
-            if handle is None:
-                handle = self._files[path] = open(path, "rb")
-            handle.seek(offset)
-            members = {}
-            for member in wds.tariterators.tar_file_iterator(handle):
-                key, suffix = wds.tariterators.base_plus_ext(member["fname"])
-                members[suffix] = member["data"]
-                if len(members) == 2:
-                    break
-            lengths = npy_loads(members[LENGTHS_MEMBER]).astype(np.int64)
-            tokens = npy_loads(members[TOKENS_MEMBER])
-        except OSError as err:
-            raise UserError(f"cannot read shard {path} ({err}); check the file or {REMAKE}") from None
-        except Exception as err:
-            raise UserError(f"shard {path} is corrupt at byte {offset} ({type(err).__name__}); "
-                            f"run open_shards(verify='full') to check it, and copy it again or {REMAKE}") from None
-        if key != block_key(number) or len(lengths) != expected \
-                or int(lengths.sum()) != tokens.size:
-            raise UserError(f"shard {path} block at byte {offset} does not match the manifest; {REMAKE}")
-        if tokens.size and int(tokens.max()) >= self.vocab_size:
-            raise UserError(f"shard {path} holds token id {int(tokens.max())}, outside the vocabulary of "
-                            f"{self.vocab_size}; {REMAKE} using the run's tokenizer")
-        self.blocks_read += 1
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        return tokens, starts
-
-    def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-
-    def __getstate__(self):  # a fresh process opens its own files
-        state = self.__dict__.copy()
-        state["_files"], state["_cache"] = {}, OrderedDict()
-        return state
-

@@ -18,8 +18,10 @@ the byte offset of each block's first tar header, so `andy_dist.data.shard_reade
 block instead of reading through a shard. Samples are numbered 0..N-1 per split in the order they
 were written; a block holds consecutive ids.
 
-Documents -> samples. Each input document (see `andy_dist.data.corpus`) is checked
-(`andy_dist.data.cleaning`: empty and exact-duplicate documents are dropped and counted), and the
+Documents -> samples. Each input document (see `andy_dist.data.corpus`) is cleaned
+(`andy_dist.data.cleaning`: Unicode normalisation; empty, too short or long, letter-poor, garbled,
+duplicate and near-duplicate documents are dropped, and each rule's count goes to the manifest's
+`stats.dropped` and the tool's summary; the options used are the manifest's `cleaning`), and the
 rest are encoded as `BOS ids EOS` and cut into pieces of at most `max_seq_len` tokens
 (`andy_dist.data.encoding`: nearly equal pieces, nothing dropped or repeated).
 
@@ -52,7 +54,7 @@ from tqdm import tqdm
 
 from andy_dist import UserError
 from andy_dist.cli import check_output_path
-from andy_dist.data.cleaning import CleaningStats, clean_documents
+from andy_dist.data.cleaning import CleaningOptions, CleaningStats, clean_documents
 from andy_dist.data.corpus import iter_documents, resolve_inputs, total_bytes
 from andy_dist.data.encoding import EncodedChunk, encode_chunks
 from andy_dist.data.shard_format import (
@@ -253,9 +255,8 @@ def _check_options(max_seq_len: int, shard_size_mb: float, workers: int | None) 
 
 def _check_not_empty(manifest: dict, cleaning: CleaningStats, split_rule: SplitRule, val_fraction: float) -> None:
     if manifest["splits"]["train"]["samples"] == 0:
-        raise UserError(f"no training samples: {cleaning.documents_in} document(s) in, "
-                        f"{cleaning.empty_dropped} empty, {cleaning.duplicates_dropped} duplicates; "
-                        f"add text to the input")
+        raise UserError(f"no training samples: {cleaning.describe()}; add text to the input"
+                        + (" or loosen the cleaning options (see --help)" if cleaning.documents_out == 0 else ""))
     if val_fraction > 0 and manifest["splits"]["val"]["samples"] == 0:
         raise UserError(f"the validation split is empty: --val-fraction {val_fraction} of "
                         f"{split_rule.units} document section(s) rounds to 0; raise --val-fraction "
@@ -272,6 +273,7 @@ def write_shards(
     max_seq_len: int = 512,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     progress: bool = True,
+    cleaning: CleaningOptions | None = None,
 ) -> dict:
     """Tokenize the input documents into `out/` (see the module docstring); return the manifest.
 
@@ -279,6 +281,7 @@ def write_shards(
     tokenizer: a `Tokenizer` or the path of a tokenizer.model.
     workers: encoding processes (default: every core); 1 encodes in this process.
     block_tokens: tokens per tar member; lowered automatically so a shard holds at least ~4 blocks.
+    cleaning: which documents are kept (`andy_dist.data.cleaning`; default: its documented defaults).
     """
     workers = _check_options(max_seq_len, shard_size_mb, workers)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(tokenizer)
@@ -295,16 +298,18 @@ def write_shards(
     shard_bytes = int(shard_size_mb * 1e6)
     block_tokens = max(64, min(block_tokens, shard_bytes // (4 * dtype.itemsize)))
     writers = {split: SplitWriter(partial, split, dtype, shard_bytes, block_tokens) for split in SPLITS}
+    options = cleaning or CleaningOptions()
     cleaning = CleaningStats()
     bar = tqdm(total=total_bytes(files), unit="B", unit_scale=True, desc="make_shards", disable=not progress,
                mininterval=1.0)
     try:
-        texts = clean_documents(iter_documents(files), cleaning)
+        texts = clean_documents(iter_documents(files), cleaning, options)
         for chunk in encode_chunks(texts, tok, max_seq_len, workers, bar):
             _write_chunk(chunk, writers, split_rule)
         bar.close()
         manifest = _manifest(tok, dtype, max_seq_len, val_fraction, files, cleaning,
                              {split: w.finish() for split, w in writers.items()})
+        manifest["cleaning"] = options.to_dict()
         _check_not_empty(manifest, cleaning, split_rule, val_fraction)
         (partial / TOKENIZER_FILE).write_bytes(tok.model_bytes)
         write_manifest(partial, manifest)  # last: its presence marks a complete set
@@ -367,6 +372,8 @@ def _manifest(tok: Tokenizer, dtype: np.dtype, max_seq_len: int, val_fraction: f
             "documents_out": cleaning.documents_out,
             "empty_dropped": cleaning.empty_dropped,
             "duplicates_dropped": cleaning.duplicates_dropped,
+            "dropped": dict(cleaning.dropped),  # documents each cleaning rule dropped
+            "normalized": cleaning.normalized,
             "bytes_in": cleaning.bytes_in,
             "tokens": sum(s["tokens"] for s in splits.values()),
             "text_tokens": text_tokens,
@@ -381,9 +388,11 @@ def _manifest(tok: Tokenizer, dtype: np.dtype, max_seq_len: int, val_fraction: f
 def summary(manifest: dict) -> str:
     """The tool's report: documents in/out, tokens, bytes per token, byte-fallback share, per split."""
     s = manifest["stats"]
+    cleaning = CleaningStats(s["documents_in"], s["bytes_in"], s.get("normalized", 0),
+                             {**CleaningStats().dropped, "empty": s["empty_dropped"],
+                              "duplicate": s["duplicates_dropped"], **s.get("dropped", {})})
     lines = [
-        f"documents: {s['documents_in']} in, {s['documents_out']} out "
-        f"({s['empty_dropped']} empty, {s['duplicates_dropped']} duplicates dropped)",
+        cleaning.describe(),
         f"tokens: {s['tokens']:,} ({s['text_tokens']:,} of text), {s['bytes_per_token']} bytes/token, "
         f"byte-fallback share {100 * (s['byte_fallback_share'] or 0):.2f}%",
     ]

@@ -204,7 +204,7 @@ def _iterate(dataset: _MicroBatches, num_workers: int, prefetch_factor: int,
 def _check_lengths(shard_set: ShardSet, split: str, max_seq_len: int) -> np.ndarray:
     lengths = shard_set.lengths(split)
     if len(lengths) and int(lengths.max()) > max_seq_len:
-        raise UserError(f"{shard_set.dir} holds {split} samples of up to {int(lengths.max())} tokens, more than "
+        raise UserError(f"{shard_set.location} holds {split} samples of up to {int(lengths.max())} tokens, more than "
                         f"max_seq_len={max_seq_len}; re-create the shards with tools/make_shards.py "
                         f"--max-seq-len {max_seq_len}")
     return lengths
@@ -255,7 +255,7 @@ class TrainStream:
         self.planner = BatchPlanner(lengths, self.order, world_size, micro_batch_size, grad_accum, max_seq_len,
                                     seq_len_schedule, bucket_window)
         if self.steps_per_epoch == 0:
-            raise UserError(f"the train split of {shards.dir} has {len(lengths)} samples, fewer than one global "
+            raise UserError(f"the train split of {shards.location} has {len(lengths)} samples, fewer than one global "
                             f"batch of {self.global_batch} (micro_batch_size x grad_accum x world_size); "
                             f"lower the batch size or add data")
         self.epoch = 0
@@ -291,6 +291,11 @@ class TrainStream:
         if steps == 0:
             self._move_to(start)
             return
+        # A remote shard set is fetched ahead of this position (and evicted behind it) by one process per node.
+        margin = (self.planner.bucket_window + 2) * self.global_batch
+        follow = self.shards.follow_epoch(self.order(epoch), epoch, margin)
+        if follow is not None:
+            follow(start)
         job = _TrainJob(self.planner, epoch, start, global_step, steps, self.rank, self.bucket_origin)
         batches = _iterate(_MicroBatches(self.shards, "train", job), self.num_workers, self.prefetch_factor,
                            self.pin_memory)
@@ -306,6 +311,8 @@ class TrainStream:
                 self.consumed_steps += 1
                 self.consumed_samples += self.global_batch
                 self._move_to(start + (step + 1) * self.global_batch)
+                if follow is not None:
+                    follow(start + (step + 1) * self.global_batch)
                 yield TrainStep(
                     epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step + step,
                     micro_batches=micro_batches,
@@ -406,7 +413,8 @@ class ValStream:
         if micro_batch_size < 1:
             raise UserError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
         if shards.num_samples("val") == 0:
-            raise UserError(f"the val split of {shards.dir} is empty; re-create the shards with --val-fraction > 0")
+            raise UserError(f"the val split of {shards.location} is empty; re-create the shards with "
+                            f"--val-fraction > 0")
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         lengths = _check_lengths(shards, "val", max_seq_len)

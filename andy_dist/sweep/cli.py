@@ -23,6 +23,7 @@ from pathlib import Path
 
 from andy_dist import UserError
 from andy_dist.cli import atomic_path, check_output_path
+from andy_dist.data.remote import is_url
 
 RECORD_NAME = "sweep.json"
 STORAGE_ENV = "ANDY_SWEEP_STORAGE"
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", help="search space YAML (sweeps/tiny.yaml shows the format)")
-    p.add_argument("--data", help="shard folder written by tools/make_shards.py")
+    p.add_argument("--data", help="shard set written by tools/make_shards.py: a folder or a URL")
     p.add_argument("--out", help="the sweep's folder: trial-NNNN/ runs, the journal, best.yaml, report.html")
     p.add_argument("--trials", type=int, default=20, help="trials in the study, all workers together (default 20)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per trial (default 1)")
@@ -91,8 +92,8 @@ def build_plan(args):
     ds_config = args.ds_config or space.ds_config
     if not ds_config:
         raise UserError(f"no DeepSpeed config: add ds_config: ds_configs/NAME.json to {space.path} or pass --ds_config")
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data {args.data} is not a folder; make shards with tools/make_shards.py")
+    if not is_url(args.data) and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data} is not a folder (or a URL); make shards with tools/make_shards.py")
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer} does not exist")
     max_steps = args.max_steps or space.fixed.get("max_steps")

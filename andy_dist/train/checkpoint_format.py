@@ -208,9 +208,21 @@ def verify_checkpoint_files(tag_dir: str | Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash or power cut leaves the old or the new file, never a torn one:
+    a temporary file is written and fsynced, renamed over `path`, and the directory entry fsynced."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (files created, renamed or deleted in it) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

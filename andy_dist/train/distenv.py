@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -43,15 +45,22 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as 'gpu[03-05,07],cpu1' -> 'gpu03' (what scontrol would say)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list, as `scontrol show hostnames` prints it first (asked when it is on
+    PATH): 'gpu[03-05,07],cpu1' -> 'gpu03', 'node[01-04]-ib' -> 'node01-ib', 'a[1-2]b[3-4]' -> 'a1b3'."""
+    if shutil.which("scontrol"):
+        try:
+            shown = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=30)
+            hosts = shown.stdout.split()
+            if shown.returncode == 0 and hosts:
+                return hosts[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # read the list ourselves
+    first = re.match(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist.strip())  # the list's first item
+    if not first or not re.fullmatch(r"[^\[\]]*(\[[\w,-]+\][^\[\]]*)*", first.group(0)):
         raise UserError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}; export MASTER_ADDR yourself")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    # Each bracket gives its first number, written as it stands (zero padding kept), suffixes stay.
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", lambda m: m.group(1), first.group(0))
 
 
 def free_port() -> int:

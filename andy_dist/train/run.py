@@ -24,13 +24,17 @@ import torch
 from andy_dist import UserError
 from andy_dist.cli import check_output_path
 from andy_dist.config import BatchPlan, ConfigError, ModelConfig, model_config, resolve_batch
+from andy_dist.data import shard_format
 from andy_dist.data.batch_plan import SeqLenSchedule
+from andy_dist.data.remote import FetchPolicy, parse_storage_options
+from andy_dist.data.shard_cache import DataAccess, ShardFiles
 from andy_dist.data.shard_reader import ShardSet, open_shards
 from andy_dist.data.stream import TrainStream, ValStream
 from andy_dist.data.tokenizer import Tokenizer
 from andy_dist.sweep.trial_hook import trial_evaluation_hook
 from andy_dist.train import checkpoint as ckpt
 from andy_dist.train import engine as ds_engine
+from andy_dist.train.build_lock import watch_build_locks
 from andy_dist.train.checkpoint_format import TOKENIZER_FILE, verify_checkpoint_files
 from andy_dist.train.distenv import DistEnv, accelerator, detect
 from andy_dist.train.faults import FaultHooks
@@ -43,6 +47,7 @@ from andy_dist.train.samples import TrainingSamples
 from andy_dist.train.settings import TrainConfig, load_train_config
 from andy_dist.train.step import StepRunner
 from andy_dist.train.trainer import Checkpoints, Monitor, TrainData, Trainer, TrainingStopped, TrainState
+from andy_dist.train.watchdog import StallReporter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -53,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Further settings: --config FILE.yaml and key=value overrides (e.g. lr=1e-3 model.dropout=0.0).")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", required=True,
                         help="DeepSpeed JSON (ds_configs/tiny.json, small.json, medium.json, single_gpu_8gb.json)")
-    parser.add_argument("--data", help="shard folder written by tools/make_shards.py (shards/NAME)")
+    parser.add_argument("--data", help="shard set written by tools/make_shards.py: a folder (shards/NAME) or a URL "
+                                       "(https://..., s3://bucket/prefix, any fsspec protocol)")
+    parser.add_argument("--storage-options", help="JSON object of fsspec options for a --data URL, e.g. "
+                                                  "'{\"endpoint_url\": \"http://host:9000\"}' (keep secrets in "
+                                                  "AWS_* variables: the command line is visible to others)")
     parser.add_argument("--out", default="runs/default", help="run folder: checkpoints, metrics, samples")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
@@ -149,20 +158,31 @@ class RunData:
                          micro_batch_size=plan.batch.micro_batch_size, max_seq_len=plan.model.max_seq_len)
 
 
-def _tokenizer_for(tokenizer_arg: str | None, data_dir: Path) -> Tokenizer:
-    path = Path(tokenizer_arg) if tokenizer_arg else data_dir / "tokenizer.model"
-    if not path.exists():
+def _tokenizer_for(tokenizer_arg: str | None, files: ShardFiles) -> Tokenizer:
+    path = Path(tokenizer_arg) if tokenizer_arg else files.optional(shard_format.TOKENIZER_FILE)
+    if path is None or not path.exists():
         hint = "" if tokenizer_arg else " (shard sets made before make_shards copied the tokenizer have none)"
-        raise UserError(f"no tokenizer at {path}{hint}; pass --tokenizer DIR/tokenizer.model (the one the shards "
+        where = path or files.describe(shard_format.TOKENIZER_FILE)
+        raise UserError(f"no tokenizer at {where}{hint}; pass --tokenizer DIR/tokenizer.model (the one the shards "
                         f"were made with)")
     return Tokenizer.from_file(path)
 
 
-def open_data(data_arg: str, tokenizer_arg: str | None, plan: RunPlan) -> RunData:
+def data_access(plan: RunPlan, storage_options: dict | None = None) -> DataAccess:
+    """How this rank reaches the shards; local rank 0 of each node fetches (or verifies) ahead of the others."""
+    data = plan.cfg.data
+    return DataAccess(cache_dir=data.cache_dir, storage_options=storage_options or {},
+                      max_bytes=int(data.cache_max_gb * 2**30) if data.cache_max_gb else None,
+                      policy=FetchPolicy(data.fetch_retries, data.fetch_backoff_s),
+                      prefetch_shards=data.prefetch_shards, prefetch=plan.dist.local_rank == 0)
+
+
+def open_data(data_arg: str, tokenizer_arg: str | None, plan: RunPlan, storage_options: dict | None = None) -> RunData:
     """The tokenizer and the shards, checked against each other and the model; this rank's training stream."""
-    data_dir = Path(data_arg)
-    tokenizer = _tokenizer_for(tokenizer_arg, data_dir)
-    shards = open_shards(data_dir, tokenizer=tokenizer)
+    access = data_access(plan, storage_options)
+    files = ShardFiles(data_arg, access, plan.cfg.data.data_verify)
+    tokenizer = _tokenizer_for(tokenizer_arg, files)
+    shards = open_shards(files, tokenizer=tokenizer, verify=plan.cfg.data.data_verify, access=access)
     if shards.vocab_size > plan.model.vocab_size:
         raise ConfigError(f"the shards use a {shards.vocab_size}-piece tokenizer but the {plan.size} model has "
                           f"vocab_size {plan.model.vocab_size}: set model.vocab_size={shards.vocab_size} or train "
@@ -249,13 +269,13 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
     run_meta = {"model_config": plan.model.to_dict(), "size": plan.size, "precision": plan.precision,
                 "zero_stage": plan.zero_stage, "world_size": dist.world_size,
                 "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": data.tokenizer.sha256,
-                "data": str(data.shards.dir), "seed": cfg.seed,
+                "data": data.shards.location, "seed": cfg.seed,
                 "optimizer_param_groups": optimizer_param_groups(engine.module, cfg.optim.weight_decay)}
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / TOKENIZER_FILE).write_bytes(data.tokenizer.model_bytes)
     full_config = {"train": cfg.flat(), "model": plan.model.to_dict(), "deepspeed": ds_config, "run": run_meta,
-                   "data": {"dir": str(data.shards.dir), "train_samples": data.shards.num_samples("train"),
+                   "data": {"dir": data.shards.location, "train_samples": data.shards.num_samples("train"),
                             "val_samples": data.shards.num_samples("val"),
                             "steps_per_epoch": data.stream.steps_per_epoch}}
     log = cfg.logging
@@ -332,11 +352,19 @@ def train(argv: list[str] | None = None) -> int:
     if not args.data:
         raise UserError("--data shards/NAME is required (make shards with tools/make_shards.py)")
     out = check_output_path(args.out, "--out", directory=True)  # a bad --out costs seconds, not a process group
-    data = open_data(args.data, args.tokenizer, plan)
-    ds_engine.init_distributed(plan.dist, timeout_s=plan.cfg.engine.dist_timeout_s)
-    _cap_cuda_memory(plan)
-    faults = FaultHooks.from_env(plan.dist.rank)
-    resume = find_resume_point(args.resume, out / "checkpoints", plan)
-    engine, state, ds_config = build_engine(plan, data, resume, faults)
-    trainer = build_trainer(plan, data, engine, state, ds_config, out, faults)
+    storage_options = parse_storage_options(args.storage_options)
+    # From here on anything may block (a download, the rendezvous, a build lock, a peer): a stall is reported.
+    with StallReporter(plan.cfg.engine.stall_report_s, plan.dist.rank) as watchdog:
+        data = open_data(args.data, args.tokenizer, plan, storage_options)
+        watchdog.progress("data opened; starting the process group")
+        with watch_build_locks():  # DeepSpeed may build its communication op here: a stale lock would hang it
+            ds_engine.init_distributed(plan.dist, timeout_s=plan.cfg.engine.dist_timeout_s)
+        watchdog.progress("process group started; finding the checkpoint")
+        _cap_cuda_memory(plan)
+        faults = FaultHooks.from_env(plan.dist.rank)
+        resume = find_resume_point(args.resume, out / "checkpoints", plan)
+        watchdog.progress("checkpoint found; building the engine")
+        engine, state, ds_config = build_engine(plan, data, resume, faults)
+        watchdog.progress("engine built; setting up the trainer")
+        trainer = build_trainer(plan, data, engine, state, ds_config, out, faults)
     return fit_and_shut_down(trainer, plan)

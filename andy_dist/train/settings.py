@@ -12,6 +12,8 @@ from typing import Any
 
 from andy_dist.config import MAX_SEQ_LEN, PRECISIONS, SIZES, ConfigError, ModelConfig
 
+DATA_VERIFY = ("size", "once", "sha256", "full")  # andy_dist.data.shard_cache.VERIFY_LEVELS, without importing it
+
 
 @dataclass
 class OptimSettings:
@@ -58,6 +60,23 @@ class DataSettings:
     """Grow the cap linearly from seq_len_start to max_seq_len over this many steps."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    data_verify: str = "once"
+    """What is checked before a shard is read: size (the manifest and sizes only), once (also each shard's sha256,
+    once per node before its first read, remembered by size and mtime: start-up does not read the dataset),
+    sha256 (every shard hashed at every start), full (also every block decoded at every start, on every rank)."""
+    cache_dir: str | None = None
+    """Node-local folder for copies of remote shards (--data URL) and verification records; default
+    $ANDY_CACHE_DIR, else ~/.cache/andy_dist."""
+    cache_max_gb: float | None = None
+    """Size limit of the node's copies of one remote shard set: shards the epoch has passed are deleted to stay
+    under it (null: no limit; later epochs then read from the cache)."""
+    prefetch_shards: int = 4
+    """Shards fetched (or verified) ahead of the read position, by local rank 0 of each node."""
+    fetch_retries: int = 5
+    """Attempts to fetch a remote file before the run stops (connection errors, cut transfers; a 404 or missing
+    credentials stop at once)."""
+    fetch_backoff_s: float = 2.0
+    """Wait after the first failed fetch, doubled after each further one (at most 60 s)."""
 
 
 @dataclass
@@ -226,6 +245,7 @@ class TrainConfig:
             raise ConfigError(f"bucket_window must be >= 1, got {d.bucket_window}")
         if d.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {d.num_workers}")
+        self._check_data_access()
         if e.stall_report_s is not None and e.stall_report_s <= 0:
             raise ConfigError(f"stall_report_s must be positive or null (off), got {e.stall_report_s}")
         if e.dist_timeout_s < 1:
@@ -234,6 +254,16 @@ class TrainConfig:
         unknown = sorted(set(self.model) - known)
         if unknown:
             raise ConfigError(f"unknown model keys {['model.' + k for k in unknown]}; known: {sorted(known)}")
+
+    def _check_data_access(self) -> None:
+        d = self.data
+        if d.data_verify not in DATA_VERIFY:
+            raise ConfigError(f"data_verify must be one of {list(DATA_VERIFY)}, got {d.data_verify!r}")
+        if d.cache_max_gb is not None and d.cache_max_gb <= 0:
+            raise ConfigError(f"cache_max_gb must be positive or null (no limit), got {d.cache_max_gb}")
+        if d.prefetch_shards < 0 or d.fetch_retries < 1 or d.fetch_backoff_s < 0:
+            raise ConfigError(f"prefetch_shards must be >= 0, fetch_retries >= 1 and fetch_backoff_s >= 0, got "
+                              f"{d.prefetch_shards}, {d.fetch_retries} and {d.fetch_backoff_s}")
 
 
 def _parse_value(text: str) -> Any:

@@ -14,10 +14,12 @@ torch collectives and kernels) releases it. `kill -USR1 PID` prints the same sta
 from __future__ import annotations
 
 import faulthandler
+import io
 import signal
 import sys
 import threading
 import time
+import traceback
 
 
 class StallReporter:
@@ -35,7 +37,9 @@ class StallReporter:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "StallReporter":
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        self._on_usr1 = (hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
+                         and _has_fd(self.stream))
+        if self._on_usr1:
             faulthandler.register(signal.SIGUSR1, file=self.stream, all_threads=True)
         if self.seconds:
             self._thread = threading.Thread(target=self._watch, name="andy-stall-reporter", daemon=True)
@@ -46,7 +50,7 @@ class StallReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        if self._on_usr1:
             faulthandler.unregister(signal.SIGUSR1)
 
     def progress(self, what: str) -> None:
@@ -67,5 +71,19 @@ class StallReporter:
         print(f"rank {self.rank}: no progress for {idle:.0f} s (last: {what}); the stack of every thread follows. "
               f"The job goes on; a rank that never returns ends it at the process-group timeout "
               f"(dist_timeout_s).", file=self.stream, flush=True)
-        faulthandler.dump_traceback(file=self.stream, all_threads=True)
+        if _has_fd(self.stream):
+            faulthandler.dump_traceback(file=self.stream, all_threads=True)
+        else:  # a stream without a file descriptor (captured output): Python's own formatting
+            for thread_id, frame in sys._current_frames().items():
+                print(f"Thread {thread_id:#x} (most recent call last):", file=self.stream)
+                traceback.print_stack(frame, file=self.stream)
         self.stream.flush()
+
+
+def _has_fd(stream) -> bool:
+    """faulthandler writes to a file descriptor; a captured stream (io.StringIO) has none."""
+    try:
+        stream.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return False
+    return True

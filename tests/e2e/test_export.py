@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from andy_dist import UserError
-from andy_dist.config import ModelConfig
-from andy_dist.infer.export import load_checkpoint_weights
+from andy_dist.infer.export import load_checkpoint_weights, load_logical_weights
 from andy_dist.infer.model_file import load_model_file
 from andy_dist.model import AndyLM
 from tests.launching import ROOT, cpu_env, free_port

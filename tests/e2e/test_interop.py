@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from andy_dist.infer.export import load_logical_weights
 from tests.launching import ROOT, cpu_env
 
 pytestmark = [pytest.mark.slow]
@@ -52,16 +53,14 @@ def test_the_run_took_its_tokenizer_from_the_shards(run, train_shards):
 
 
 def test_hf_export_of_a_checkpoint_gives_our_logits(run, tmp_path, builtin_corpus):
-    from andy_dist.config import ModelConfig
     from andy_dist.data.tokenizer import Tokenizer
-    from andy_dist.infer.export import load_logical_weights
     from andy_dist.model import AndyLM
 
     out = tmp_path / "hf"
     printed = command("andy-export", "--hf", out, run / "checkpoints", "--tag", "best").stdout
     assert "Hugging Face GPT-2 format" in printed
-    state, meta = load_checkpoint_weights(run / "checkpoints", "best")
-    ours = AndyLM(ModelConfig.from_dict(meta["model_config"]).replace(dropout=0.0)).eval()
+    state, cfg, meta = load_logical_weights(run / "checkpoints", "best")  # as exported: no padded rows
+    ours = AndyLM(cfg.replace(dropout=0.0)).eval()
     ours.load_state_dict(state)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     text = json.loads(builtin_corpus.read_text().splitlines()[5])["text"][:2000]
@@ -113,7 +112,6 @@ def gpt2_dir(train_shards, tmp_path_factory) -> tuple:
 
 
 def test_training_from_a_gpt2_keeps_its_position_table_exactly(gpt2_dir, train_shards, tmp_path):
-    from andy_dist.infer.export import load_logical_weights
     from andy_dist.infer.hf_format import from_hf_state
     from andy_dist.infer.hf_import import import_hf_model
 
@@ -124,7 +122,7 @@ def test_training_from_a_gpt2_keeps_its_position_table_exactly(gpt2_dir, train_s
     args = train_args(train_shards, out, f"init_from={directory}", "--max-steps", 3, "lr=1e-3", "eval_interval=100")
     args[args.index("precision=fp32")] = "precision=bf16"  # DeepSpeed keeps buffers fp32: the table stays exact
     command("andy-train", *args)
-    state, meta = load_checkpoint_weights(out / "checkpoints", "latest")
+    state, _, meta = load_logical_weights(out / "checkpoints", "latest")
     assert meta["model_config"]["position_table"] == "stored" and meta["model_config"]["activation"] == "gelu_tanh"
     assert torch.equal(state["positions"], model.transformer.wpe.weight[:512])  # frozen, exactly as given
     imported = import_hf_model(directory)

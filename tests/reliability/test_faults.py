@@ -310,12 +310,13 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_in_use(reference, tr
     assert result.returncode != 0
     ckpt = run / "checkpoints"
     assert latest(run) == "step-000004"
-    assert (ckpt / "step-000008").is_dir() and not (ckpt / "step-000008" / "andy_meta.json").exists()
+    staging = ckpt / "step-000008.partial"  # every rank's files, not yet marked complete nor swapped in
+    assert staging.is_dir() and not (staging / "andy_meta.json").exists() and not (ckpt / "step-000008").exists()
 
     resumed = resume("torchrun", train_shards, tokenizer_path, run, trace)
     assert resumed_step(resumed.stdout) == 4
     assert_continues_like(reference, run, trace, from_step=4)
-    assert (ckpt / "step-000008" / "andy_meta.json").is_file()
+    assert (ckpt / "step-000008" / "andy_meta.json").is_file() and not staging.exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

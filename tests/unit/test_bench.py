@@ -79,3 +79,14 @@ def test_memory_section(tmp_path):
     steps = figures["step"]["sizes"]["tiny"]["ms"]
     assert set(steps) == {"unpadded_full", "unpadded_chunked", "padded_full", "padded_chunked"}
     assert all(ms > 0 for ms in steps.values())
+
+
+def test_data_section_streams_a_url(tmp_path, train_shards):
+    """`bench data --data URL`: the stream benchmark reads a shard set served over HTTP (through the cache)."""
+    from tests.servers import FileServer
+
+    with FileServer(train_shards) as server:
+        figures = bench(tmp_path, "data", "--data", server.url, "--cache-dir", str(tmp_path / "cache"), "--steps", "5",
+                        "--train-steps", "1")
+    assert figures["data"] == server.url and figures["train_samples"] > 0
+    assert figures["stream_over_train_0_workers"] > 0 and server.count("train-000000.tar") == 1

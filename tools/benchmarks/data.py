@@ -1,9 +1,12 @@
 """Data pipeline: make_shards MB/s with 1 and 2 workers, and stream tokens/s against what training the tiny model eats.
 
     python tools/bench.py data [--input PATH ...] [--tokenizer tokenizer.model] [--max-mb 3] [--steps 300]
+    python tools/bench.py data --data shards/NAME|https://...|s3://... [--cache-dir DIR] [--storage-options JSON]
 
 Input: --input, else ../shared/corpora when present, else the built-in corpus (Python stdlib source).
-Without --tokenizer a 8,000-piece tokenizer is trained on the input first (not timed).
+Without --tokenizer a 8,000-piece tokenizer is trained on the input first (not timed). With --data the
+stream is measured on that shard set (a folder or a URL, read through the node's cache) and make_shards
+is not run.
 Figures:
   make_shards_mb_s_{1,2}_workers  text MB/s through write_shards; scaling = ratio of the two (ideal 2.0)
   stream_tokens_s_per_rank_K       real tokens/s one rank (of 2) gets from TrainStream with K DataLoader workers
@@ -35,6 +38,8 @@ import torch
 
 from andy_dist.config import SIZES
 from andy_dist.data.corpus import read_documents, resolve_inputs, write_default_corpus
+from andy_dist.data.remote import parse_storage_options
+from andy_dist.data.shard_cache import DataAccess
 from andy_dist.data.shard_reader import open_shards
 from andy_dist.data.shard_writer import write_shards
 from andy_dist.data.stream import TrainStream
@@ -51,6 +56,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-mb", type=float, default=3.0, help="use at most this much input text")
     parser.add_argument("--steps", type=int, default=300, help="stream steps to time")
     parser.add_argument("--train-steps", type=int, default=6, help="training steps to time (after 1 warm-up)")
+    parser.add_argument("--data", help="stream this shard set (a folder or a URL) instead of making one")
+    parser.add_argument("--cache-dir", help="node-local cache for a remote --data")
+    parser.add_argument("--storage-options", help="JSON object of fsspec options for a --data URL")
 
 
 def _bench_input(args, work: Path) -> Path:
@@ -163,7 +171,31 @@ def _rank_balance(shards, world: int, accum: int, steps: int) -> dict:
     return figures
 
 
+def _stream_figures(shards, vocab_size: int, args) -> dict:
+    figures = {"train_samples": shards.num_samples("train")}
+    train = _train_tokens_s(shards, vocab_size, args.train_steps)
+    figures["train_tokens_s"] = round(train, 1)
+    for workers in (0, 2):
+        tokens_s, padding = _stream_tokens_s(shards, workers, args.steps)
+        figures[f"stream_tokens_s_per_rank_{workers}_workers"] = round(tokens_s, 1)
+        figures[f"stream_over_train_{workers}_workers"] = round(tokens_s / train, 1)
+        figures["padding_fraction"] = round(padding, 4)
+    figures["padding_fraction_bucket_window_16"] = round(_stream_tokens_s(shards, 0, args.steps, 16)[1], 4)
+    for world, accum in ((2, 1), (4, 2)):
+        figures[f"rank_balance_W{world}_A{accum}"] = _rank_balance(shards, world, accum, args.steps)
+    figures["cpu_threads"] = torch.get_num_threads()
+    return figures
+
+
 def run(args) -> dict:
+    if args.data:
+        access = DataAccess(cache_dir=args.cache_dir, storage_options=parse_storage_options(args.storage_options),
+                            prefetch=True)
+        shards = open_shards(args.data, verify="once", access=access)
+        try:
+            return {"data": args.data, **_stream_figures(shards, shards.vocab_size, args)}
+        finally:
+            shards.close()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         source = _bench_input(args, work)
@@ -177,22 +209,11 @@ def run(args) -> dict:
         shards = open_shards(work / "shards2", tokenizer=tokenizer)
         figures = {
             "input_mb": round(manifest["stats"]["bytes_in"] / 1e6, 3),
-            "train_samples": shards.num_samples("train"),
             "bytes_per_token": manifest["stats"]["bytes_per_token"],
             "byte_fallback_share": manifest["stats"]["byte_fallback_share"],
+            "near_duplicates_dropped": manifest["stats"]["dropped"]["near_duplicate"],
             "make_shards_mb_s_1_worker": round(mb_s_1, 3),
             "make_shards_mb_s_2_workers": round(mb_s_2, 3),
             "make_shards_scaling_2_over_1": round(mb_s_2 / mb_s_1, 3),
         }
-        train = _train_tokens_s(shards, tokenizer.vocab_size, args.train_steps)
-        figures["train_tokens_s"] = round(train, 1)
-        for workers in (0, 2):
-            tokens_s, padding = _stream_tokens_s(shards, workers, args.steps)
-            figures[f"stream_tokens_s_per_rank_{workers}_workers"] = round(tokens_s, 1)
-            figures[f"stream_over_train_{workers}_workers"] = round(tokens_s / train, 1)
-            figures["padding_fraction"] = round(padding, 4)
-        figures["padding_fraction_bucket_window_16"] = round(_stream_tokens_s(shards, 0, args.steps, 16)[1], 4)
-        for world, accum in ((2, 1), (4, 2)):
-            figures[f"rank_balance_W{world}_A{accum}"] = _rank_balance(shards, world, accum, args.steps)
-        figures["cpu_threads"] = torch.get_num_threads()
-        return figures
+        return {**figures, **_stream_figures(shards, tokenizer.vocab_size, args)}

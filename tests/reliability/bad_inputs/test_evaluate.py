@@ -63,6 +63,17 @@ def eval_manifest_garbage(w, tmp):
 
 
 @case
+def eval_data_url_of_an_unknown_protocol(w, tmp):
+    return "evaluate", [w.model, "--data", "nosuch://bucket/shards"], ["cannot open nosuch://bucket/shards"], [], {}
+
+
+@case
+def eval_storage_options_not_json(w, tmp):
+    return ("evaluate", [w.model, "--data", "s3://bucket/shards", "--storage-options", "{endpoint"],
+            ["--storage-options", "not valid JSON"], [], {})
+
+
+@case
 def eval_missing_text(w, tmp):
     return "evaluate", [w.model, "--text", tmp / "nope.txt"], ["--text", "nope.txt"], [], {}
 
@@ -111,3 +122,20 @@ def test_bad_input_gives_one_line_error(world, tmp_path, name):
 def test_bad_input_in_a_real_process(world, tmp_path):
     """End to end in a real process: exit status 2, one "error:" line, no traceback."""
     check_in_a_real_process(CASES["eval_data_of_another_tokenizer"], "evaluate", world, tmp_path)
+
+
+def test_a_url_gives_the_figures_of_the_local_copy(world, tmp_path):
+    """--data http://... (Python's http.server serving the shard folder) reads through the node cache and
+    gives exactly the figures of the local folder."""
+    import json
+
+    from tests.reliability.bad_inputs.runner import run_here
+    from tests.servers import FileServer
+
+    local = run_here("evaluate", world.model, "--data", world.shards, "--json")
+    with FileServer(world.shards) as server:
+        remote = run_here("evaluate", world.model, "--data", server.url, "--json", "--cache-dir", tmp_path / "cache")
+    assert local.code == 0 and remote.code == 0, remote.err[-2000:]
+    figures = [json.loads(result.out[result.out.index("{"):]) for result in (local, remote)]
+    assert figures[0]["loss"] == figures[1]["loss"] and figures[0]["target_tokens"] == figures[1]["target_tokens"]
+    assert server.count("val-000000.tar") == 1

@@ -106,7 +106,9 @@ def train_shard_sha256_mismatch(w, tmp):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     write(shard, bytes(raw))
-    return _train_case(w, tmp, ["train-000000.tar", "sha256"], data=data)
+    # Hashed at start-up with data_verify=full; the default (once) hashes each shard before its first read,
+    # after the process group started (tests/unit/data/test_remote.py::test_local_shards_are_hashed_once_...).
+    return _train_case(w, tmp, ["train-000000.tar", "sha256"], "data_verify=full", data=data)
 
 
 @case
@@ -114,7 +116,7 @@ def train_shard_replaced_by_garbage(w, tmp):
     data = copy_shards(w.shards, tmp / "set")
     shard = data / "val-000000.tar"
     write(shard, (GARBAGE * 100)[: shard.stat().st_size])
-    return _train_case(w, tmp, ["val-000000.tar", "corrupt"], data=data)
+    return _train_case(w, tmp, ["val-000000.tar", "corrupt"], "data_verify=full", data=data)
 
 
 def poison_shard(shards: Path, split: str, marker: Path) -> Path:
@@ -142,7 +144,8 @@ def train_shard_with_pickle_member(w, tmp):
     marker = tmp / "pwned"
     data = copy_shards(w.shards, tmp / "set")
     poison_shard(data, "val", marker)
-    tool, args, out = _train(w, tmp, data=data)
+    # Only a full check reads the extra member (and refuses it); training never reads it at all.
+    tool, args, out = _train(w, tmp, "data_verify=full", data=data)
     return tool, args, ["val-000000.tar", "99999999"], [out, marker], {}
 
 

@@ -83,7 +83,7 @@ def test_cli_reports_cleaning_and_writes_manifest(tmp_path, small_input, input_t
     assert result.returncode == 0, result.stderr
     n_in, n_out = len(input_texts), len(kept_texts(input_texts))
     assert n_out == n_in - 4
-    assert f"documents: {n_in} in, {n_out} out (2 empty, 2 duplicates dropped)" in result.stdout
+    assert f"documents: {n_in} in, {n_out} out (2 empty, 2 duplicate dropped; 0 normalised)" in result.stdout
     assert "bytes/token" in result.stdout and "byte-fallback share" in result.stdout
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["tokenizer"] == {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
@@ -91,6 +91,8 @@ def test_cli_reports_cleaning_and_writes_manifest(tmp_path, small_input, input_t
     stats = manifest["stats"]
     assert stats["documents_in"] == n_in and stats["documents_out"] == n_out
     assert stats["empty_dropped"] == 2 and stats["duplicates_dropped"] == 2
+    assert stats["dropped"] == {"empty": 2, "too_short": 0, "too_long": 0, "few_letters": 0, "bad_characters": 0,
+                                "duplicate": 2, "near_duplicate": 0}
     assert 1.5 < stats["bytes_per_token"] < 6 and 0 <= stats["byte_fallback_share"] < 0.05
     assert len(manifest["splits"]["train"]["shards"]) > 1, "a small --shard-size-mb must give several shards"
     for split in ("train", "val"):

@@ -71,3 +71,13 @@ def test_bad_launcher_environments():
         detect({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "x"})
     assert first_slurm_host("node1,node2") == "node1"
     assert first_slurm_host("a[10-12]") == "a10"
+
+
+def test_first_slurm_host_keeps_suffixes_and_padding_without_scontrol(monkeypatch):
+    """Without scontrol on PATH the node list is read as scontrol would expand it (issue 13: 'node[01-04]-ib'
+    was read as 'node01')."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert first_slurm_host("node[01-04]-ib") == "node01-ib"
+    assert first_slurm_host("gpu[03-05,07]-ib,cpu1") == "gpu03-ib"
+    assert first_slurm_host("rack[2-3]-node[007-009]") == "rack2-node007"
+    assert detect({**SRUN, "SLURM_JOB_NODELIST": "node[01-04]-ib"}).master_addr == "node01-ib"

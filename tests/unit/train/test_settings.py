@@ -20,7 +20,8 @@ def test_yaml_and_overrides(tmp_path):
     ("max_steps=2.5", "max_steps must be an integer"), ("model.width=3", "unknown model keys"),
     ("precision=fp8", "precision must be one of"), ("zero_stage=4", "zero_stage"),
     ("lr", "key=value"), ("wandb=maybe", "wandb must be"), ("stall_report_s=0", "stall_report_s must be positive"),
-    ("dist_timeout_s=0", "dist_timeout_s must be at least 1")])
+    ("dist_timeout_s=0", "dist_timeout_s must be at least 1"), ("data_verify=always", "data_verify must be one of"),
+    ("cache_max_gb=0", "cache_max_gb must be positive"), ("fetch_retries=0", "fetch_retries >= 1")])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, [override])
@@ -58,3 +59,9 @@ def test_activation_checkpointing_is_a_training_setting_and_old_model_configs_st
     assert cfg.engine.activation_checkpointing is True
     old = {"vocab_size": 300, "d_model": 32, "n_heads": 2, "n_layers": 2, "activation_checkpointing": True}
     assert ModelConfig.from_dict(old) == ModelConfig(vocab_size=300, d_model=32, n_heads=2, n_layers=2)
+
+
+def test_data_access_settings_default_to_a_start_that_does_not_read_the_dataset():
+    cfg = load_train_config(None, ["cache_dir=/local/cache", "cache_max_gb=2.5", "data.prefetch_shards=8"])
+    assert cfg.data.data_verify == "once" and cfg.data.cache_dir == "/local/cache"
+    assert cfg.data.cache_max_gb == 2.5 and cfg.data.prefetch_shards == 8 and cfg.data.fetch_retries == 5
