@@ -75,7 +75,10 @@ def test_export_gives_the_optimizers_fp32_masters(checkpoints, zero0_masters, st
         if precision == "bf16" and stage < 3:  # (ZeRO-3 keeps no module weights in its model files)
             model_file = next((ckpt / meta["tag"]).glob("*model_states.pt"))
             module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-            assert any(not torch.equal(module[n].float(), state[n]) for n in state)  # not the bf16 copies
+            if stage == 0:  # ZeRO-0 bf16 is torch.autocast over fp32 weights: the module is the masters
+                assert all(module[n].dtype == torch.float32 for n in state)
+            else:
+                assert any(not torch.equal(module[n].float(), state[n]) for n in state)  # not the bf16 copies
 
 
 def test_export_tool_writes_a_runnable_int8_file_naming_its_step(checkpoints, tmp_path):
@@ -103,21 +106,37 @@ def test_export_tool_writes_a_runnable_int8_file_naming_its_step(checkpoints, tm
         load_checkpoint_weights(tmp_path, "latest")
 
 
-def test_zero0_bf16_without_the_recorded_groups_and_with_wrong_ones(checkpoints, zero0_masters, tmp_path):
-    """A ZeRO-0 bf16 checkpoint saved before the trainer recorded its optimizer groups still exports the
-    masters (matched by the trainer's grouping rule); groups that do not match the file are one clear error,
-    never a silent export."""
-    import shutil
+@pytest.fixture(scope="module")
+def legacy_zero0_bf16(checkpoints, tmp_path_factory):
+    """A ZeRO-0 checkpoint in the layout of DeepSpeed's bf16 wrapper (bf16 module, fp32 masters in the
+    optimizer's groups, without names), written by a real engine; and the masters that engine held."""
+    src = checkpoints[(0, "bf16")]
+    src_tag = src / (src / "latest").read_text().strip()
+    out = tmp_path_factory.mktemp("legacy")
+    result = subprocess.run([sys.executable, str(ROOT / "tests/e2e/scripts/legacy_zero0_bf16.py"), str(src_tag),
+                             str(out / "checkpoints"), str(out / "masters.safetensors")],
+                            env=cpu_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "checkpoints", load_file(str(out / "masters.safetensors"))
 
-    ckpt = tmp_path / "checkpoints"
-    shutil.copytree(checkpoints[(0, "bf16")], ckpt)
+
+def test_zero0_half_precision_masters_with_without_and_with_wrong_recorded_groups(legacy_zero0_bf16):
+    """ZeRO-0 checkpoints whose module holds half-precision copies (written before the trainer ran bf16 as
+    autocast, and fp16 ones) export the optimizer's fp32 masters: matched by the groups the meta records, or,
+    without them, by the trainer's grouping rule; groups that do not match the file are one clear error,
+    never a silent export of the half-precision copies."""
+    ckpt, masters = legacy_zero0_bf16
     tag = (ckpt / "latest").read_text().strip()
+    module = torch.load(next((ckpt / tag).glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
+    assert all(module[name].dtype == torch.bfloat16 for name in masters)
+    assert any(not torch.equal(module[name].float(), masters[name]) for name in masters)  # the copies differ
+    state, _ = load_checkpoint_weights(ckpt, tag)
+    assert set(state) == set(masters) and all(torch.equal(state[name], masters[name]) for name in masters)
     meta_path = ckpt / tag / "andy_meta.json"
     meta = json.loads(meta_path.read_text())
     groups = meta.pop("optimizer_param_groups")
     meta_path.write_text(json.dumps(meta))
     state, _ = load_checkpoint_weights(ckpt, tag)
-    masters = zero0_masters[("bf16", "latest")]
     assert all(torch.equal(state[name], masters[name]) for name in masters)
     meta["optimizer_param_groups"] = [groups[0][1:] + groups[0][:1], groups[1]]  # same names, another order
     meta_path.write_text(json.dumps(meta))

@@ -3,11 +3,13 @@
     python engine_masters.py CKPT_DIR TAG OUT.safetensors [CKPT_DIR TAG OUT.safetensors ...]
 
 DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` reads ZeRO 1-3 checkpoints only. For ZeRO-0
-this script builds an engine like the trainer's (the model of the checkpoint's meta, the trainer's
-parameter groups, its precision), loads the checkpoint with `engine.load_checkpoint`, and saves what
-the engine's optimizer holds: with bf16/fp16, DeepSpeed's fp32 masters (`fp32_groups`, matched to
-parameter names through the half-precision parameters they master, `fp16_groups`); with fp32, the
-parameters themselves. One process, world size 1 (a ZeRO-0 checkpoint is the same for any world size).
+this script builds an engine as the trainer does (the model of the checkpoint's meta, the trainer's
+parameter groups, its DeepSpeed config from `resolve_ds_config`), loads the checkpoint with
+`engine.load_checkpoint`, and saves what the engine's optimizer holds: where DeepSpeed keeps fp32 masters
+beside half-precision weights (fp16), those masters (`fp32_groups`, matched to parameter names through the
+weights they master, `fp16_groups`); otherwise (fp32, and bf16, which on ZeRO-0 is torch.autocast over fp32
+weights) the parameters themselves. One process, world size 1 (a ZeRO-0 checkpoint is the same for any
+world size).
 """
 
 from __future__ import annotations
@@ -22,19 +24,17 @@ import torch
 from safetensors.torch import save_file
 
 from andy_dist.cli import mark_distributed_process, run_tool
-from andy_dist.config import ModelConfig
+from andy_dist.config import BatchPlan, ModelConfig
 from andy_dist.model import AndyLM
-from andy_dist.train.engine import parameter_groups
+from andy_dist.train.engine import parameter_groups, resolve_ds_config
+from andy_dist.train.settings import OptimSettings
 
 
 def masters(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     meta = json.loads((Path(ckpt_dir) / tag / "andy_meta.json").read_text())
     assert meta["zero_stage"] == 0, meta["zero_stage"]
     model = AndyLM(ModelConfig.from_dict(meta["model_config"]))
-    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-              "bf16": {"enabled": meta["precision"] == "bf16"}, "fp16": {"enabled": meta["precision"] == "fp16"},
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    config = resolve_ds_config({}, OptimSettings(), BatchPlan(1, 1, 1), meta["precision"], zero_stage=0)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, 0.01),
                                            config=config)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
@@ -42,7 +42,7 @@ def masters(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     assert path is not None, f"DeepSpeed could not load {ckpt_dir}/{tag}"
     names = {id(param): name for name, param in engine.module.named_parameters()}
     optimizer = engine.optimizer
-    if meta["precision"] == "fp32":
+    if not hasattr(optimizer, "fp32_groups"):
         return {name: param.detach().float().clone() for name, param in engine.module.named_parameters()}
     return {names[id(half)]: master.detach().float().clone()
             for half_group, master_group in zip(optimizer.fp16_groups, optimizer.fp32_groups)
