@@ -1,6 +1,6 @@
 """Training: tokens/s of the tiny model on 2 CPU ranks through the engine vs a plain PyTorch DDP loop.
 
-    python tools/bench.py train [--steps 20] [--warmup 10] [--seq-len 256]
+    python tools/bench.py train [--steps 20] [--warmup 10] [--seq-len 256] [--shipped]
 
 Both sides in the same run, on the same shards (built-in corpus, 10,000-piece tokenizer), same
 model (tiny, fp32), same global batch (16 sequences x 1 accumulation x 2 ranks = 32), launched by
@@ -13,6 +13,9 @@ torchrun with one thread per rank:
   plain_tokens_s     tools/benchmarks/_plain_loop.py (DDP + torch AdamW), same steps, same batches, wall
                      clock of its loop (data included)
   engine_over_plain  the ratio of the two wall-clock figures: 1.0 = no engine overhead
+With --shipped the engine side runs ds_configs/tiny.json as shipped (bf16, ZeRO-1) instead of fp32, against
+the same fp32 baseline: nanoGPT's train.py on a CPU also trains in fp32 (its autocast is CUDA-only), so this
+is "our shipped config vs nanoGPT's loop at the same shape and batch".
   engine_mfu         the trainer's wall-clock MFU over the timed steps (each sample's FLOPs at its own
                      length, 6N + 12LdT per token, against the matmul peak each rank measured on its one
                      thread), engine_mfu_compute inside the steps, and plain_mfu the baseline against the
@@ -42,6 +45,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=256, help="samples are cut to this many tokens")
+    parser.add_argument("--shipped", action="store_true",
+                        help="the engine side as ds_configs/tiny.json ships (bf16, ZeRO-1), not fp32")
 
 
 def _torchrun(script: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -67,9 +72,9 @@ def run(args) -> dict:
         total = args.warmup + args.steps
         _torchrun(ROOT / "launch" / "train.py",
                   ["--ds_config", "ds_configs/tiny.json", "--data", str(work / "shards"), "--tokenizer", str(tok),
-                   "--out", str(work / "run"), "--max-steps", str(total), "precision=fp32", "zero_stage=1",
-                   f"micro_batch_size={MICRO}", "log_interval=1", "save_interval=100000", "sample_prompts=[]",
-                   "eval_interval=100000"], env)
+                   "--out", str(work / "run"), "--max-steps", str(total),
+                   *([] if args.shipped else ["precision=fp32", "zero_stage=1"]), f"micro_batch_size={MICRO}",
+                   "log_interval=1", "save_interval=100000", "sample_prompts=[]", "eval_interval=100000"], env)
         logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
         engine_figures = _engine_figures([m for m in logged if "train/loss" in m], args.warmup)
         _torchrun(ROOT / "tools" / "benchmarks" / "_plain_loop.py",
@@ -80,7 +85,8 @@ def run(args) -> dict:
     # here, beside other processes, would not be the one the engine divided by).
     engine, engine_mfu = engine_figures["engine_tokens_s"], engine_figures["engine_mfu"]
     return {
-        "setup": f"tiny fp32, {RANKS} CPU ranks x 1 thread, global batch {MICRO * ACCUM * RANKS}, "
+        "setup": f"tiny {'as shipped (bf16, ZeRO-1)' if args.shipped else 'fp32'} vs a plain fp32 DDP loop, "
+                 f"{RANKS} CPU ranks x 1 thread, global batch {MICRO * ACCUM * RANKS}, "
                  f"samples <= {args.seq_len} tokens",
         **engine_figures,
         "plain_tokens_s": round(plain, 1),
