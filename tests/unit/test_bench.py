@@ -26,6 +26,21 @@ def bench(tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_every_section_imports_as_the_script_runs_it(tmp_path):
+    """`python tools/bench.py SECTION` puts tools/ first on sys.path and imports `benchmarks.SECTION`, with no
+    PYTHONPATH and from any folder: a section that imports its siblings as `tools.benchmarks.*` only worked
+    where the repository root happened to be on the path (the tests' environment), never for a user."""
+    env = cpu_env()
+    env.pop("PYTHONPATH")
+    code = ("import importlib, pathlib, sys; sys.path.insert(0, sys.argv[1]); "
+            "names = sorted(p.stem for p in pathlib.Path(sys.argv[1], 'benchmarks').glob('*.py')); "
+            "[importlib.import_module('benchmarks.' + n) for n in names]; print(len(names))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "tools")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout) >= 10
+
+
 def test_generate_section(tmp_path):
     figures = bench(tmp_path, "generate", "--size", "tiny", "--skip-quality", "--skip-hf", "--batch-sizes", "2",
                     "--new-tokens", "16", "--threads", "1", "--repeats", "1")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tools.benchmarks.overhead import _single_rank_environment
+from .overhead import start_single_rank
 
 
 def add_arguments(parser) -> None:
@@ -75,14 +75,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args) -> dict:
-    from andy_dist.train.distenv import detect
-    from andy_dist.train.engine import init_distributed
-
-    _single_rank_environment()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    dist = detect()
-    device = init_distributed(dist)
+    dist, device = start_single_rank()
     sides = {"eager": _runner(False, args, dist, device), "compiled": _runner(True, args, dist, device)}
     batches = _batches(sides["eager"][1].vocab_size, args)
     warmup_s = {}

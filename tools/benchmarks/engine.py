@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tools.benchmarks.overhead import _single_rank_environment
+from .overhead import plain_loop_step, start_single_rank
 
 
 def add_arguments(parser) -> None:
@@ -48,22 +48,7 @@ def _plain(cfg, args, device, compiled: bool):
     from andy_dist.model import AndyLM
 
     torch.manual_seed(0)
-    model = AndyLM(cfg).to(device)
-    if compiled:
-        model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step(number, mb):
-        mb = mb.to(device, non_blocking=True)
-        with autocast:
-            out = model(mb.input_ids, targets=mb.targets)
-        (out.loss_sum / mb.num_target_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, None
+    return plain_loop_step(AndyLM(cfg), device, args.precision, compiled), None
 
 
 def _engine(cfg, args, device, dist, batch: int, stage: int, compiled: bool):
@@ -129,15 +114,9 @@ def _sides(batch: int, args):
 
 def run(args) -> dict:
     from andy_dist.config import model_config
-    from andy_dist.train.distenv import detect
-    from andy_dist.train.engine import init_distributed
     from andy_dist.train.flops import MfuMeter
 
-    _single_rank_environment()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    dist = detect()
-    device = init_distributed(dist)
+    dist, device = start_single_rank()
     cfg = model_config(args.size, max_seq_len=max(args.seq_len, 64))
     meter = MfuMeter(cfg, args.seq_len, device, args.precision)
     results = []

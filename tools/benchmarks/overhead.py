@@ -61,13 +61,20 @@ def micro_batches(count: int):
 def plain_step(precision: str, compiled: bool):
     """The baseline: the plain eager loop a user would write around the same model."""
     torch.manual_seed(0)
-    model = micro_model()
+    return plain_loop_step(micro_model(), torch.device("cpu"), precision, compiled)
+
+
+def plain_loop_step(model: torch.nn.Module, device: torch.device, precision: str, compiled: bool):
+    """One optimizer step of the plain loop every engine benchmark is measured against: autocast (bf16),
+    the loss over the target tokens, clipping at 1.0, fused AdamW. Returns `step(number, micro_batch)`."""
+    model = model.to(device)
     if compiled:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(number, mb):
+        mb = mb.to(device, non_blocking=True)
         with autocast:
             out = model(mb.input_ids, targets=mb.targets)
         (out.loss_sum / mb.num_target_tokens).backward()
@@ -180,14 +187,23 @@ def _single_rank_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def run(args) -> dict:
+def start_single_rank():
+    """A one-rank process group on this machine (one thread on a CPU); returns (DistEnv, device)."""
     from andy_dist.train.distenv import detect
     from andy_dist.train.engine import init_distributed
-    from andy_dist.train.overhead import cuda_like_accelerator
 
     _single_rank_environment()
-    torch.set_num_threads(1)
-    init_distributed(detect())
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    dist = detect()
+    return dist, init_distributed(dist)
+
+
+def run(args) -> dict:
+    from andy_dist.train.overhead import cuda_like_accelerator
+
+    start_single_rank()
+    torch.set_num_threads(1)  # the micro model runs on the CPU on any machine
     batches = micro_batches(3 + args.counted_steps)
     with cuda_like_accelerator():
         sides = [Side("plain", plain_step(args.precision, args.compile))]
