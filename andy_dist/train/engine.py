@@ -83,6 +83,14 @@ def step_runner_guards(precision: str, zero_stage: int) -> bool:
     return precision != "fp16" and zero_stage <= 2
 
 
+def bf16_autocast(precision: str, zero_stage: int) -> bool:
+    """Whether bf16 runs as torch.autocast over fp32 weights (ZeRO-0), not DeepSpeed's bf16 wrapper.
+
+    The two keep different optimizer states, so a checkpoint records which one wrote it (the meta's
+    "bf16_autocast"); those written before autocast was used here lack the key."""
+    return precision == "bf16" and zero_stage == 0
+
+
 def resolve_ds_config(ds: dict, optim: OptimSettings, plan: BatchPlan, precision: str, zero_stage: int,
                       load_universal: bool = False) -> dict:
     """The full DeepSpeed config for this run: the JSON's settings plus everything the run decides.
@@ -99,7 +107,7 @@ def resolve_ds_config(ds: dict, optim: OptimSettings, plan: BatchPlan, precision
     guarded = step_runner_guards(precision, zero_stage)
     merged["gradient_clipping"] = 0.0 if guarded else optim.grad_clip
     bf16 = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
-    if precision == "bf16" and zero_stage == 0:
+    if bf16_autocast(precision, zero_stage):
         # Without ZeRO, bf16 is torch.autocast over fp32 weights (the plain loop's AMP): DeepSpeed's bf16
         # wrapper would cast, scale and check every parameter one by one (2,004 ops per step against 707).
         bf16["enabled"] = False

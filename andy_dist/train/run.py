@@ -228,10 +228,24 @@ def find_resume_point(resume: bool, ckpt_dir: Path, plan: RunPlan) -> ResumePoin
         saved_batch = found.meta.get("global_batch_size")
         raise ConfigError(f"checkpoint {found.path} was trained with global batch {saved_batch}; this run "
                           f"resolves to {plan.batch.global_batch_size}: set global_batch_size={saved_batch}")
+    _check_optimizer_layout(found, plan)
     verify_checkpoint_files(found.path)  # DeepSpeed unpickles with weights_only=False: vet the files first
     universal = ckpt.needs_universal(found, plan.dist.world_size)
     load_tag = ckpt.convert_to_universal(found) if universal else None
     return ResumePoint(found, load_tag, universal)
+
+
+def _check_optimizer_layout(found: ckpt.Checkpoint, plan: RunPlan) -> None:
+    """A ZeRO-0 bf16 checkpoint written by DeepSpeed's bf16 wrapper (before this trainer ran ZeRO-0 bf16 as
+    autocast) holds an optimizer state the autocast engine cannot load: say so and how to go on, before
+    DeepSpeed fails on a missing key."""
+    meta = found.meta
+    wrapper = meta.get("precision") == "bf16" and meta.get("zero_stage") == 0 and not meta.get("bf16_autocast")
+    if wrapper and ds_engine.bf16_autocast(plan.precision, plan.zero_stage):
+        raise ConfigError(f"checkpoint {found.path} was written by DeepSpeed's bf16 optimizer wrapper (ZeRO-0 bf16 "
+                          f"before andy_dist trained it as autocast over fp32 weights); its optimizer state cannot "
+                          f"be resumed. Export its weights (andy-export --fp32 {found.dir} --tag {found.tag} -o "
+                          f"model.andy) and start a new run from them with init_from=model.andy")
 
 
 def build_engine(plan: RunPlan, data: RunData, resume: ResumePoint | None, faults: FaultHooks):
@@ -270,7 +284,8 @@ def build_trainer(plan: RunPlan, data: RunData, engine, state: TrainState, ds_co
                 "zero_stage": plan.zero_stage, "world_size": dist.world_size,
                 "global_batch_size": plan.batch.global_batch_size, "tokenizer_sha256": data.tokenizer.sha256,
                 "data": data.shards.location, "seed": cfg.seed,
-                "optimizer_param_groups": optimizer_param_groups(engine.module, cfg.optim.weight_decay)}
+                "optimizer_param_groups": optimizer_param_groups(engine.module, cfg.optim.weight_decay),
+                "bf16_autocast": ds_engine.bf16_autocast(plan.precision, plan.zero_stage)}
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / TOKENIZER_FILE).write_bytes(data.tokenizer.model_bytes)

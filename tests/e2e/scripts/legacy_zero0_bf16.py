@@ -6,8 +6,9 @@ The trainer now runs ZeRO-0 bf16 as torch.autocast over fp32 weights, so its che
 as the module itself. Checkpoints written before that change (and ZeRO-0 fp16 ones, which need a GPU) keep
 half-precision module weights and the fp32 masters in the optimizer's `fp32_groups`, without names. This
 script writes such a checkpoint for real: an engine with DeepSpeed's bf16 wrapper, on the model of SRC's
-meta, takes one step and saves; the meta is SRC's (with this run's world size and file list), and
-OUT.safetensors holds the masters the engine's optimizer holds, by parameter name. One process.
+meta, takes one step and saves; the meta is SRC's as such a run wrote it (bf16, ZeRO-0, this run's world
+size and file list, no "bf16_autocast"), and OUT.safetensors holds the masters the engine's optimizer holds,
+by parameter name. One process.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ def main() -> None:
     engine.backward(engine(ids).logits.float().pow(2).mean())
     engine.step()
     engine.save_checkpoint(str(out_ckpt), tag=TAG)
-    write_meta(out_ckpt / TAG, {key: value for key, value in meta.items() if key not in ("format", "files")}
-               | {"world_size": 1})
+    kept = {key: value for key, value in meta.items() if key not in ("format", "files", "bf16_autocast")}
+    write_meta(out_ckpt / TAG, kept | {"world_size": 1, "precision": "bf16", "zero_stage": 0})
     (out_ckpt / "latest").write_text(TAG)
+    tokenizer = src.parent / "tokenizer.model"  # as the trainer keeps it beside its tags
+    if tokenizer.is_file():
+        (out_ckpt / tokenizer.name).write_bytes(tokenizer.read_bytes())
     names = {id(param): name for name, param in engine.module.named_parameters()}
     optimizer = engine.optimizer
     save_file({names[id(half)]: master.detach().float().clone()

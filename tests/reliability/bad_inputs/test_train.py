@@ -26,6 +26,7 @@ from tests.reliability.bad_inputs.runner import (
     check_in_a_real_process,
     check_in_this_process,
     copy_shards,
+    run_here,
     snapshot,
     write,
 )
@@ -326,3 +327,31 @@ def test_resume_refuses_a_checkpoint_carrying_code(world, tmp_path):
     result = train("python", world.train_args(run, "--max-steps", 4, "--resume"), nproc=1, check=False, timeout=300)
     assert_user_error(Result(result.returncode, result.stdout, result.stderr), "mp_rank_00_model_states.pt",
                       "safely", absent=[marker])
+
+
+def test_resume_of_a_zero0_bf16_checkpoint_from_deepspeeds_wrapper_says_how_to_go_on(world, tmp_path):
+    """ZeRO-0 bf16 used to run through DeepSpeed's bf16 optimizer wrapper; it now runs as autocast over fp32
+    weights, whose optimizer state differs. Resuming such a checkpoint (written for real by the wrapper) is
+    one line naming the way on, before DeepSpeed fails on a missing key; and that way works."""
+    import subprocess
+    import sys
+
+    from tests.launching import ROOT, cpu_env, free_port
+
+    run = tmp_path / "run"
+    src_tag = world.ckpt / (world.ckpt / "latest").read_text().strip()
+    made = subprocess.run([sys.executable, str(ROOT / "tests/e2e/scripts/legacy_zero0_bf16.py"), str(src_tag),
+                           str(run / "checkpoints"), str(tmp_path / "masters.safetensors")],
+                          env=cpu_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    before = snapshot(run / "checkpoints")
+    bf16_zero0 = ("precision=bf16", "zero_stage=0")
+    result = train("python", [*world.train_args(run, "--max-steps", 4, "--resume"), *bf16_zero0], nproc=1,
+                   check=False, timeout=300)
+    assert_user_error(Result(result.returncode, result.stdout, result.stderr), "bf16 optimizer wrapper",
+                      "init_from=model.andy", untouched={run / "checkpoints": before})
+    model = tmp_path / "model.andy"
+    exported = run_here("export", "--fp32", run / "checkpoints", "--tag", "step-000001", "-o", model)
+    assert exported.code == 0, exported.err
+    train("python", [*world.train_args(tmp_path / "again", "--max-steps", 1, f"init_from={model}"), *bf16_zero0],
+          nproc=1, timeout=300)
